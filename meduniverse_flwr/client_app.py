@@ -1,0 +1,71 @@
+"""ClientApp: a hospital's node. Thin: Flower messages in, plain calls into ``task``, messages out.
+
+``query``    -> the node's task card (never its data)
+``train``    -> fine-tune base + fresh head on the local train split, reply with the backbone only
+``evaluate`` -> score the received base for the local task (linear probe or fine-tune)
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from .config import RunConfig
+from .data import NodeTask, load_node_task
+from .task import TrainSettings, evaluate_base, resolve_device, train_on_task
+
+app = ClientApp()
+
+
+def node_task(context: Context) -> tuple[RunConfig, NodeTask]:
+    """The run config and this node's task. A deployed SuperNode names its own
+    dataset in ``--node-config 'dataset="..."'``; in simulation the partition id picks one."""
+    config = RunConfig.from_run_config(context.run_config)
+    node = context.node_config
+    if "dataset" in node:
+        datasets, partition_id, num_partitions = (str(node["dataset"]),), 0, 1
+    else:
+        datasets, partition_id, num_partitions = config.datasets, int(node["partition-id"]), int(node["num-partitions"])
+    data_root = str(node.get("data-root", config.data_root))
+    task = load_node_task(config.data, data_root, datasets, config.image_size, config.seed, partition_id, num_partitions)
+    return config, task
+
+
+def settings_from(message: Message, config: RunConfig, epochs_key: str) -> TrainSettings:
+    sent = message.content.config_records["config"]
+    return TrainSettings(
+        epochs=int(sent[epochs_key]),
+        lr=float(sent["lr"]),
+        weight_decay=float(sent["weight-decay"]),
+        batch_size=int(sent["batch-size"]),
+        seed=int(sent["seed"]),
+        device=resolve_device(config.device),
+    )
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    _, task = node_task(context)
+    return Message(RecordDict({"card": ConfigRecord(task.card.to_record())}), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    config, task = node_task(context)
+    state = message.content.array_records["arrays"].to_torch_state_dict()
+    backbone, metrics = train_on_task(config.model, config.image_size, task, state,
+                                      settings_from(message, config, "local-epochs"))
+    content = RecordDict({"arrays": ArrayRecord(backbone), "metrics": MetricRecord(metrics)})
+    return Message(content, reply_to=message)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    config, task = node_task(context)
+    sent = message.content.config_records["config"]
+    eval_mode = str(sent["eval-mode"])
+    epochs_key = "probe-epochs" if eval_mode == "linear-probe" else "eval-epochs"
+    backbone = message.content.array_records["arrays"].to_torch_state_dict()
+    metrics = evaluate_base(config.model, config.image_size, task, backbone, eval_mode,
+                            settings_from(message, config, epochs_key))
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)

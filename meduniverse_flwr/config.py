@@ -1,0 +1,122 @@
+"""The run configuration: Flower's flat kebab-case run config, typed and checked.
+
+Every key of ``[tool.flwr.app.config]`` maps to one field here. A wrong key,
+type or value raises ``ConfigError`` with one line naming the key, before any
+node is contacted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+AGGREGATIONS = ("mean", "weighted")
+EVAL_MODES = ("linear-probe", "finetune")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A run-config key has a wrong name, type or value."""
+
+
+def split_list(value: str) -> tuple[str, ...]:
+    """``"a, b,,c"`` -> ``("a", "b", "c")``: lists travel as comma strings."""
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    num_stages: int = 3
+    clients_per_stage: int = 4
+    local_epochs: int = 2
+    model: str = "vit-micro"
+    image_size: int = 28
+    data: str = "embedded"
+    data_root: str = ""
+    datasets: tuple[str, ...] = ("fundus-vessel", "histology-stain", "brain-tissue", "ct-tissue")
+    held_out: tuple[str, ...] = ()
+    aggregation: str = "weighted"
+    server_mix: float = 1.0
+    pretrain: str = "none"
+    pretrain_epochs: int = 0
+    eval_mode: str = "linear-probe"
+    eval_epochs: int = 1
+    probe_epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    seed: int = 0
+    stage_timeout: float = 3600.0
+    device: str = "auto"
+    output_dir: str = "outputs"
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
+        """Build from Flower's ``context.run_config`` (kebab-case keys)."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in run_config.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                raise ConfigError(f"run config: unknown key '{key}'")
+            values[name] = _coerce(key, raw, fields[name].type)
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The kebab-case mapping, lists as comma strings (the results contract)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name.replace("_", "-")] = ",".join(value) if isinstance(value, tuple) else value
+        return out
+
+    def validate(self) -> None:
+        def check(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"run config: '{key}' = {getattr(self, key.replace('-', '_'))!r}: {why}")
+
+        check(self.num_stages >= 1, "num-stages", "must be >= 1")
+        check(self.clients_per_stage >= 1, "clients-per-stage", "must be >= 1")
+        check(self.local_epochs >= 1, "local-epochs", "must be >= 1")
+        check(self.image_size >= 8, "image-size", "must be >= 8")
+        check(self.aggregation in AGGREGATIONS, "aggregation", f"must be one of {AGGREGATIONS}")
+        check(0.0 < self.server_mix <= 1.0, "server-mix", "must be in (0, 1]")
+        check(self.eval_mode in EVAL_MODES, "eval-mode", f"must be one of {EVAL_MODES}")
+        check(self.eval_epochs >= 1, "eval-epochs", "must be >= 1")
+        check(self.probe_epochs >= 1, "probe-epochs", "must be >= 1")
+        check(self.batch_size >= 1, "batch-size", "must be >= 1")
+        check(self.lr > 0, "lr", "must be > 0")
+        check(self.weight_decay >= 0, "weight-decay", "must be >= 0")
+        check(self.stage_timeout > 0, "stage-timeout", "must be > 0")
+        check(self.device in DEVICES, "device", f"must be one of {DEVICES}")
+        check(len(self.datasets) >= 1, "datasets", "must name at least one dataset")
+        unknown = [name for name in self.held_out if name not in self.datasets]
+        check(not unknown, "held-out", f"{unknown} not in 'datasets'")
+        check(len(self.held_out) < len(self.datasets), "held-out", "leaves no dataset to train on")
+
+
+def _coerce(key: str, raw: Any, annotation: Any) -> Any:
+    """Turn a TOML / CLI value into the field's type, or name the key that is wrong."""
+    kind = str(annotation)
+    if "tuple" in kind:
+        if not isinstance(raw, str):
+            raise ConfigError(f"run config: '{key}' must be a comma-separated string, got {raw!r}")
+        return split_list(raw)
+    if kind == "bool":
+        if not isinstance(raw, bool):
+            raise ConfigError(f"run config: '{key}' must be true or false, got {raw!r}")
+        return raw
+    if kind == "int":
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(f"run config: '{key}' must be an integer, got {raw!r}")
+        return raw
+    if kind == "float":
+        if isinstance(raw, bool) or not isinstance(raw, (int, float)):
+            raise ConfigError(f"run config: '{key}' must be a number, got {raw!r}")
+        return float(raw)
+    if not isinstance(raw, str):
+        raise ConfigError(f"run config: '{key}' must be a string, got {raw!r}")
+    return raw

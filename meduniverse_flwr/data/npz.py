@@ -1,0 +1,102 @@
+"""MedMNIST-format ``.npz`` files: ``{split}_images`` (uint8, N x S x S or N x S x S x 3)
+and ``{split}_labels`` (integers, N x L) for the splits train, val and test.
+
+Reading checks everything a later step would trip over and reports it as one
+line naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SPLITS = ("train", "val", "test")
+
+
+class DataError(ValueError):
+    """A data file is missing or malformed; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8, N x S x S (grayscale) or N x S x S x 3 (RGB)
+    labels: np.ndarray  # integer, N x L
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def read_npz(path: Path, n_classes: int, label_kind: str) -> dict[str, Split]:
+    """Read and check a MedMNIST-format file; labels must fit ``n_classes`` and ``label_kind``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path}: not found")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise DataError(f"data file {path}: not a readable .npz file ({err})") from None
+    with archive:
+        splits = {split: _read_split(path, archive, split, n_classes, label_kind) for split in SPLITS}
+    sizes = {s.images.shape[1:] for s in splits.values()}
+    if len(sizes) != 1:
+        raise DataError(f"data file {path}: splits have different image shapes {sorted(sizes)}")
+    return splits
+
+
+def _read_split(path: Path, archive, split: str, n_classes: int, label_kind: str) -> Split:
+    for key in (f"{split}_images", f"{split}_labels"):
+        if key not in archive.files:
+            raise DataError(f"data file {path}: missing key '{key}' (has {sorted(archive.files)})")
+    images, labels = archive[f"{split}_images"], archive[f"{split}_labels"]
+    where = f"data file {path}: '{split}_images'"
+    if images.dtype != np.uint8:
+        raise DataError(f"{where} has dtype {images.dtype}, expected uint8")
+    grayscale = images.ndim == 3 and images.shape[1] == images.shape[2]
+    rgb = images.ndim == 4 and images.shape[1] == images.shape[2] and images.shape[3] == 3
+    if not (grayscale or rgb):
+        raise DataError(f"{where} has shape {images.shape}, expected N x S x S or N x S x S x 3")
+    if len(images) == 0:
+        raise DataError(f"{where} is empty")
+    where = f"data file {path}: '{split}_labels'"
+    if labels.ndim == 1:
+        labels = labels[:, None]
+    if labels.ndim != 2 or len(labels) != len(images):
+        raise DataError(f"{where} has shape {labels.shape}, expected {len(images)} x L")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{where} has dtype {labels.dtype}, expected integers")
+    if label_kind == "multilabel":
+        if labels.shape[1] != n_classes:
+            raise DataError(f"{where} has {labels.shape[1]} columns, expected {n_classes} labels")
+        bad = (labels != 0) & (labels != 1)
+    else:
+        if labels.shape[1] != 1:
+            raise DataError(f"{where} has {labels.shape[1]} columns, expected 1")
+        bad = (labels < 0) | (labels >= n_classes)
+    if bad.any():
+        value = labels[bad][0]
+        allowed = "0 or 1" if label_kind == "multilabel" else f"0..{n_classes - 1}"
+        raise DataError(f"{where}: label {value} out of range ({allowed})")
+    return Split(images=images, labels=np.asarray(labels, dtype=np.int64))
+
+
+def write_npz(path: Path, splits: dict[str, Split]) -> None:
+    """Write atomically, so concurrent builders and killed runs never leave half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for split in SPLITS:
+        arrays[f"{split}_images"] = splits[split].images
+        arrays[f"{split}_labels"] = splits[split].labels
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

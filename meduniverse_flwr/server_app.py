@@ -1,0 +1,93 @@
+"""ServerApp: base -> stage 0 evaluation -> ``num-stages`` x (train, aggregate, evaluate) -> results.
+
+Thin: the learning lives in ``strategy`` (aggregation), ``model`` and ``results``.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from logging import ERROR, INFO
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from .config import ConfigError, RunConfig
+from .model import create_backbone
+from .results import RunOutputs, stage_entry
+from .strategy import StageWise
+
+app = ServerApp()
+
+
+def initial_base(config: RunConfig) -> dict[str, torch.Tensor]:
+    """The stage-0 base: a seeded, randomly initialised backbone (``pretrain = none``)."""
+    if config.pretrain != "none":
+        raise ConfigError(f"run config: 'pretrain' = {config.pretrain!r}: only 'none' is available in this version")
+    torch.manual_seed(config.seed)
+    return create_backbone(config.model, config.image_size).state_dict()
+
+
+def format_table(stages: list[dict]) -> str:
+    tasks = list(stages[0]["per_task"])
+    header = "stage | mean acc | " + " | ".join(tasks)
+    rows = [header, "-" * len(header)]
+    for s in stages:
+        mean = "   -    " if s["mean_accuracy"] is None else f"{s['mean_accuracy']:8.4f}"
+        cells = [f"{s['per_task'][t]['accuracy']:.4f}" if t in s["per_task"] else "-" for t in tasks]
+        rows.append(f"{s['stage']:5d} | {mean} | " + " | ".join(cells))
+    return "\n".join(rows)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    try:
+        config = RunConfig.from_run_config(context.run_config)
+        base = initial_base(config)
+    except (ConfigError, ValueError) as err:
+        log(ERROR, "%s", err)
+        raise SystemExit(1) from None
+    run_name = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-run{context.run_id}"
+    outputs = RunOutputs(Path(config.output_dir), run_name, config.to_run_config())
+    log(INFO, "MedUniverse run %s: outputs in %s", run_name, outputs.dir.resolve())
+
+    strategy = StageWise(config.clients_per_stage, config.aggregation, config.server_mix, config.seed,
+                         config.held_out, config.stage_timeout)
+    strategy.summary()
+    if not strategy.query_cards(grid):
+        raise RuntimeError("no node answered the task-card query; nothing to train")
+    for node, card in sorted(strategy.cards.items(), key=lambda item: item[1].name):
+        log(INFO, "node %d: %s (%s, %d classes, %s, %d train)", node, card.name, card.modality,
+            card.n_classes, card.label_kind, card.n_train)
+
+    train_config = ConfigRecord({"local-epochs": config.local_epochs, "lr": config.lr,
+                                 "weight-decay": config.weight_decay, "batch-size": config.batch_size})
+    evaluate_config = ConfigRecord({"eval-mode": config.eval_mode, "probe-epochs": config.probe_epochs,
+                                    "eval-epochs": config.eval_epochs, "lr": config.lr,
+                                    "weight-decay": config.weight_decay, "batch-size": config.batch_size})
+    arrays = ArrayRecord(base)
+
+    def finish_stage(stage: int, started: float) -> None:
+        replies = grid.send_and_receive(strategy.configure_evaluate(stage, arrays, evaluate_config, grid),
+                                        timeout=config.stage_timeout)
+        strategy.aggregate_evaluate(stage, replies)
+        entry = stage_entry(stage, strategy.new_log(), time.monotonic() - started)
+        outputs.save_checkpoint(stage, arrays.to_torch_state_dict())
+        outputs.add_stage(entry)
+        log(INFO, "stage %d: mean accuracy %s, %.1fs", stage, entry["mean_accuracy"], entry["seconds"])
+
+    finish_stage(0, time.monotonic())
+    for stage in range(1, config.num_stages + 1):
+        started = time.monotonic()
+        log(INFO, "[STAGE %d/%d]", stage, config.num_stages)
+        new_base, _ = strategy.run_train_stage(grid, stage, arrays, train_config)
+        if new_base is not None:
+            arrays = new_base
+        finish_stage(stage, started)
+
+    plot = outputs.plot()
+    log(INFO, "per-stage accuracy (linear probe = %s):\n%s", config.eval_mode, format_table(outputs.stages))
+    log(INFO, "results: %s  plot: %s", outputs.results_path.resolve(), plot.resolve())

@@ -1,0 +1,196 @@
+"""Fine-tuning and evaluation of one task model; plain PyTorch, no Flower.
+
+Data stay uint8 tensors in memory; batches are normalised and augmented with
+batched tensor ops, so the loop never waits on per-sample Python work.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import metrics
+from .data import NodeTask, TaskData
+from .model import create_model, embed_dim, merge_state, new_head_state, split_state
+
+PROBE_LR = 1e-2  # a linear probe on standardised features tolerates a large step
+WARMUP_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int
+    lr: float
+    weight_decay: float
+    batch_size: int
+    seed: int
+    device: torch.device
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA; full precision on CPU (where bf16 matmuls are slower)."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]."""
+    return images.to(device, non_blocking=True).float().mul_(2.0 / 255.0).sub_(1.0)
+
+
+def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Flip each image horizontally with probability 1/2 (one batched op)."""
+    flip = torch.rand(len(x), generator=generator) < 0.5
+    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, label_kind: str) -> torch.Tensor:
+    if label_kind == "multilabel":
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    return F.cross_entropy(logits, labels)
+
+
+def probabilities(logits: torch.Tensor, label_kind: str) -> torch.Tensor:
+    return torch.sigmoid(logits) if label_kind == "multilabel" else torch.softmax(logits, dim=1)
+
+
+def cosine_with_warmup(total_steps: int):
+    warmup = max(1, int(WARMUP_FRACTION * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def fit(model: nn.Module, data: TaskData, label_kind: str, settings: TrainSettings, augment: bool = True) -> float:
+    """Train ``model`` on ``data`` (AdamW, warm-up + cosine); returns the mean loss of the last epoch."""
+    device = settings.device
+    model.to(device).train()
+    generator = torch.Generator().manual_seed(settings.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    steps_per_epoch = math.ceil(len(data) / settings.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(settings.epochs * steps_per_epoch))
+    epoch_loss = float("nan")
+    for _ in range(settings.epochs):
+        order = torch.randperm(len(data), generator=generator)
+        total, seen = 0.0, 0
+        for start in range(0, len(data), settings.batch_size):
+            index = order[start : start + settings.batch_size]
+            x = to_input(data.images[index], device) if data.images.dtype == torch.uint8 else data.images[index].to(device)
+            if augment:
+                x = random_flip(x, generator)
+            y = data.labels[index].to(device)
+            with autocast(device):
+                loss = task_loss(model(x).float(), y, label_kind)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += loss.item() * len(index)
+            seen += len(index)
+        epoch_loss = total / seen
+    return epoch_loss
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Model outputs for uint8 images (or ready float features), in order, on the CPU."""
+    model.to(device).eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        x = to_input(batch, device) if batch.dtype == torch.uint8 else batch.to(device)
+        with autocast(device):
+            outputs.append(model(x).float().cpu())
+    return torch.cat(outputs)
+
+
+def score(logits: torch.Tensor, labels: torch.Tensor, label_kind: str) -> dict[str, float]:
+    """Loss, accuracy and AUC of ``logits`` against ``labels``."""
+    probs = probabilities(logits, label_kind).numpy()
+    y = labels.numpy()
+    return {
+        "loss": float(task_loss(logits, labels, label_kind)),
+        "accuracy": metrics.accuracy(y, probs, label_kind),
+        "auc": metrics.auc(y, probs, label_kind),
+    }
+
+
+def linear_probe(
+    backbone: nn.Module, train: TaskData, test: TaskData, label_kind: str, n_outputs: int,
+    settings: TrainSettings,
+) -> dict[str, float]:
+    """Frozen backbone, fresh linear head trained on standardised features, scored on ``test``."""
+    train_features = predict(backbone, train.images, settings.batch_size, settings.device)
+    test_features = predict(backbone, test.images, settings.batch_size, settings.device)
+    mean, std = train_features.mean(0), train_features.std(0).clamp_min(1e-6)
+    torch.manual_seed(settings.seed)
+    head = nn.Linear(train_features.shape[1], n_outputs)
+    fit(head, TaskData((train_features - mean) / std, train.labels), label_kind,
+        TrainSettings(settings.epochs, PROBE_LR, 0.0, 256, settings.seed, settings.device), augment=False)
+    return score(predict(head, (test_features - mean) / std, 4096, settings.device), test.labels, label_kind)
+
+
+def set_torch_threads(num_threads: int) -> None:
+    """Intra-op threads for this process; 0 keeps torch's default."""
+    if num_threads > 0 and torch.get_num_threads() != num_threads:
+        torch.set_num_threads(num_threads)
+
+
+def train_on_task(
+    model_name: str, image_size: int, task: NodeTask, state: dict[str, torch.Tensor], settings: TrainSettings
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Fine-tune base + head (``state``) on the node's train split.
+
+    Returns the fine-tuned backbone (the head stays on the node) and the metrics
+    the server reads: num-examples, train-loss, val-accuracy, val-auc.
+    """
+    torch.manual_seed(settings.seed)
+    model = create_model(model_name, image_size, num_classes=task.card.n_classes)
+    model.load_state_dict(state, strict=True)
+    train_loss = fit(model, task.train, task.card.label_kind, settings)
+    val = score(predict(model, task.val.images, settings.batch_size, settings.device), task.val.labels,
+                task.card.label_kind)
+    backbone, _ = split_state({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    return backbone, {"num-examples": len(task.train), "train-loss": train_loss,
+                      "val-accuracy": val["accuracy"], "val-auc": val["auc"]}
+
+
+def evaluate_base(
+    model_name: str, image_size: int, task: NodeTask, backbone: dict[str, torch.Tensor], eval_mode: str,
+    settings: TrainSettings,
+) -> dict[str, float]:
+    """How good ``backbone`` is for this task: a fresh head trained on the train split, scored on test.
+
+    ``linear-probe`` freezes the backbone; ``finetune`` trains all of it.
+    """
+    torch.manual_seed(settings.seed)
+    card = task.card
+    if eval_mode == "linear-probe":
+        model = create_model(model_name, image_size, num_classes=0)
+        model.load_state_dict(backbone, strict=True)
+        result = linear_probe(model, task.train, task.test, card.label_kind, card.n_classes, settings)
+    elif eval_mode == "finetune":
+        model = create_model(model_name, image_size, num_classes=card.n_classes)
+        head = new_head_state(embed_dim(model_name), card.n_classes, settings.seed)
+        model.load_state_dict(merge_state(backbone, head), strict=True)
+        fit(model, task.train, card.label_kind, settings)
+        result = score(predict(model, task.test.images, settings.batch_size, settings.device), task.test.labels,
+                       card.label_kind)
+    else:
+        raise ValueError(f"eval-mode '{eval_mode}': unknown, choose 'linear-probe' or 'finetune'")
+    return {**result, "n-test": len(task.test)}
