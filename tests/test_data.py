@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+import torch
+
+from meduniverse_flwr.data import TaskCard, load_node_task, to_task_data
+from meduniverse_flwr.data.embedded import SPLIT_SIZES, TASKS, load_embedded, task_path
+from meduniverse_flwr.data.npz import DataError, Split, read_npz, write_npz
+from meduniverse_flwr.data.partition import iid_shard, node_dataset
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_embedded_tasks_are_balanced_medmnist_files(name, data_root):
+    splits = load_embedded(name, data_root)
+    task = TASKS[name]
+    assert task_path(data_root, name).is_file()
+    for split_name, split in splits.items():
+        assert split.images.dtype == np.uint8 and split.images.shape[1:3] == (28, 28)
+        counts = np.bincount(split.labels[:, 0], minlength=len(task.classes))
+        assert len(counts) == len(task.classes) and counts.min() == counts.max()  # balanced
+        assert len(split) >= SPLIT_SIZES[split_name] - len(task.classes)
+    # a second load reads the cache and gives the same bytes
+    again = load_embedded(name, data_root)
+    assert np.array_equal(again["test"].images, splits["test"].images)
+
+
+def test_embedded_universe_spans_modalities_and_class_counts():
+    assert len({t.modality for t in TASKS.values()}) >= 3
+    assert len({len(t.classes) for t in TASKS.values()}) >= 3
+
+
+def test_node_task_maps_partitions_to_tasks_and_shards(data_root):
+    datasets = tuple(sorted(TASKS))
+    whole = load_node_task("embedded", str(data_root), datasets, 28, 0, 1, 4)
+    assert whole.card.name == datasets[1]
+    assert whole.train.images.shape == (whole.card.n_train, 3, 28, 28)
+    # 6 nodes over 4 tasks: partitions 1 and 5 split task 1 between them
+    half_a = load_node_task("embedded", str(data_root), datasets, 28, 0, 1, 6)
+    half_b = load_node_task("embedded", str(data_root), datasets, 28, 0, 5, 6)
+    assert half_a.card.name == half_b.card.name == datasets[1]
+    assert half_a.card.n_train + half_b.card.n_train == whole.card.n_train
+    assert not torch.equal(half_a.train.images[:10], half_b.train.images[:10])
+
+
+def test_partitioning_is_disjoint_covering_and_seeded():
+    assert node_dataset(5, 6, ("a", "b", "c", "d")) == ("b", 1, 2)
+    assert node_dataset(3, 6, ("a", "b", "c", "d")) == ("d", 0, 1)
+    shards = [iid_shard(103, s, 3, seed=7) for s in range(3)]
+    assert sorted(np.concatenate(shards).tolist()) == list(range(103))
+    assert np.array_equal(shards[0], iid_shard(103, 0, 3, seed=7))
+    assert not np.array_equal(shards[0], iid_shard(103, 0, 3, seed=8))
+    with pytest.raises(ValueError, match="partition-id 6"):
+        node_dataset(6, 6, ("a",))
+
+
+def test_to_task_data_unifies_channels_and_size():
+    gray = Split(np.full((4, 28, 28), 200, np.uint8), np.array([[0], [1], [1], [0]]))
+    data = to_task_data(gray, "binary", 64)
+    assert data.images.shape == (4, 3, 64, 64) and data.images.dtype == torch.uint8
+    assert int(data.images.min()) == 200 and data.labels.dtype == torch.int64
+    rgb = Split(np.zeros((2, 28, 28, 3), np.uint8), np.array([[1, 0, 1], [0, 0, 1]]))
+    multi = to_task_data(rgb, "multilabel", 28)
+    assert multi.images.shape == (2, 3, 28, 28) and multi.labels.shape == (2, 3)
+
+
+def _splits(n=6, size=28, labels=None):
+    labels = np.arange(n)[:, None] % 2 if labels is None else labels
+    return {s: Split(np.zeros((n, size, size), np.uint8), labels) for s in ("train", "val", "test")}
+
+
+def test_write_then_read_round_trip(tmp_path):
+    path = tmp_path / "toy.npz"
+    write_npz(path, _splits())
+    splits = read_npz(path, 2, "binary")
+    assert len(splits["val"]) == 6
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda a: a.pop("val_labels"), "missing key 'val_labels'"),
+        (lambda a: a.update(train_images=a["train_images"].astype(np.float32)), "dtype float32, expected uint8"),
+        (lambda a: a.update(test_images=np.zeros((6, 28, 27), np.uint8)), "shape \\(6, 28, 27\\)"),
+        (lambda a: a.update(train_labels=np.full((6, 1), 5)), "label 5 out of range \\(0..1\\)"),
+        (lambda a: a.update(val_images=np.zeros((0, 28, 28), np.uint8), val_labels=np.zeros((0, 1), int)),
+         "'val_images' is empty"),
+    ],
+)
+def test_malformed_files_fail_with_one_line_naming_file_and_problem(tmp_path, mutate, message):
+    arrays = {f"{s}_{k}": getattr(split, k) for s, split in _splits().items() for k in ("images", "labels")}
+    mutate(arrays)
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)
+    with pytest.raises(DataError, match=message) as err:
+        read_npz(path, 2, "binary")
+    assert "bad.npz" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(DataError, match="nothere.npz: not found"):
+        read_npz(tmp_path / "nothere.npz", 2, "binary")
+    corrupt = tmp_path / "corrupt.npz"
+    corrupt.write_bytes(b"PK\x03\x04garbage")
+    with pytest.raises(DataError, match="corrupt.npz: not a readable"):
+        read_npz(corrupt, 2, "binary")
+
+
+def test_task_card_round_trip_and_rejection():
+    card = TaskCard("ct-tissue", "CT", 4, "multiclass", 1000)
+    assert TaskCard.from_record(card.to_record()) == card
+    with pytest.raises(ValueError, match="missing 'n-train'"):
+        TaskCard.from_record({k: v for k, v in card.to_record().items() if k != "n-train"})
+    with pytest.raises(ValueError, match="label kind 'ordinal'"):
+        TaskCard.from_record({**card.to_record(), "label-kind": "ordinal"})
+    with pytest.raises(ValueError, match="n-classes 1"):
+        TaskCard.from_record({**card.to_record(), "n-classes": 1})

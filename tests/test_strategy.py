@@ -1,0 +1,160 @@
+"""StageWise driving the real ClientApp handlers in-process (no Ray, no SuperLink)."""
+
+import json
+import logging
+from uuid import uuid4
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from inprocess_grid import InProcessGrid
+
+from meduniverse_flwr import server_app
+from meduniverse_flwr.client_app import app as client_app
+from meduniverse_flwr.data import TaskCard
+from meduniverse_flwr.model import create_backbone
+from meduniverse_flwr.strategy import StageWise, to_numpy
+
+
+def run_federation(config: dict, num_nodes: int, tamper=None) -> tuple[dict, InProcessGrid]:
+    grid = InProcessGrid(client_app, config, num_nodes, tamper)
+    server_app.main(grid, Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    with open(f"{config['output-dir']}/latest/results.json") as handle:
+        return json.load(handle), grid
+
+
+def without_seconds(stages):
+    return [{k: v for k, v in stage.items() if k != "seconds"} for stage in stages]
+
+
+@pytest.fixture(scope="module")
+def two_runs(data_root, tmp_path_factory):
+    """The default 4-task universe, one stage, twice with the same seed."""
+    from conftest import default_run_config
+
+    results = []
+    for attempt in range(2):
+        config = {**default_run_config(), "data-root": str(data_root), "num-stages": 1, "local-epochs": 1,
+                  "probe-epochs": 3, "output-dir": str(tmp_path_factory.mktemp(f"run{attempt}"))}
+        results.append(run_federation(config, num_nodes=4))
+    return results
+
+
+def test_results_follow_the_contract(two_runs):
+    (results, grid), _ = two_runs
+    assert [s["stage"] for s in results["stages"]] == [0, 1]
+    stage0, stage1 = results["stages"]
+    assert stage0["participants"] == [] and len(stage1["participants"]) == 4
+    assert set(stage1["per_task"]) == {"brain-tissue", "ct-tissue", "fundus-vessel", "histology-stain"}
+    for metrics in stage1["per_task"].values():
+        assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["auc"] <= 1
+        assert metrics["n_test"] > 0 and metrics["held_out"] is False
+    assert stage1["mean_accuracy"] == pytest.approx(np.mean([m["accuracy"] for m in stage1["per_task"].values()]))
+    assert stage1["bytes_up"] > 0 and stage1["bytes_down"] > stage1["bytes_up"]
+    assert results["summary"]["accuracy_gain"][0] == 0.0
+    assert results["summary"]["accuracy_gain"][1] == pytest.approx(stage1["mean_accuracy"] - stage0["mean_accuracy"])
+    assert results["config"]["num-stages"] == 1
+
+
+def test_each_node_gets_the_base_plus_a_head_sized_to_its_card(two_runs):
+    (_, grid), _ = two_runs
+    train_messages = [m for m in grid.pushed if m.metadata.message_type == "train"]
+    assert len(train_messages) == 4
+    base_keys = set(create_backbone("vit-micro", 28).state_dict())
+    head_rows = set()
+    for message in train_messages:
+        arrays = message.content.array_records["arrays"]
+        assert set(arrays) == base_keys | {"head.weight", "head.bias"}
+        head_rows.add(arrays["head.weight"].shape[0])
+    assert head_rows == {2, 3, 4}  # binary fundus, 3-class histology / brain, 4-class CT
+
+
+def test_same_seed_gives_identical_stages(two_runs):
+    (first, _), (second, _) = two_runs
+    assert without_seconds(first["stages"]) == without_seconds(second["stages"])
+
+
+def test_a_bad_node_is_rejected_and_the_stage_completes(run_config, caplog):
+    def poison(reply: Message) -> Message:
+        if reply.metadata.message_type == "train":
+            arrays = reply.content.array_records["arrays"]
+            arrays["cls_token"] = Array(np.full(arrays["cls_token"].shape, np.nan, np.float32))
+        return reply
+
+    config = run_config(datasets="ct-tissue,histology-stain,brain-tissue", clients_per_stage=2)
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        results, _ = run_federation(config, num_nodes=3, tamper={1002: poison})
+    stage1 = results["stages"][1]
+    assert stage1["participants"] == ["ct-tissue", "histology-stain"]
+    assert len(stage1["rejected"]) == 1 and "'cls_token' contains NaN or Inf" in stage1["rejected"][0]
+    assert "rejected: 'cls_token' contains NaN" in caplog.text
+
+
+class _Stage:
+    """A StageWise strategy mid-stage, with train messages to two fake nodes."""
+
+    def __init__(self):
+        self.base = create_backbone("vit-micro", 28).state_dict()
+        self.strategy = StageWise(clients_per_stage=2)
+        self.strategy.cards = {1: TaskCard("a", "CT", 2, "binary", 10), 2: TaskCard("b", "MR", 3, "multiclass", 30)}
+        self.messages = {}
+        for message in self.strategy.configure_train(1, ArrayRecord(self.base), ConfigRecord(), grid=None):
+            message.metadata.__dict__["_message_id"] = str(uuid4())
+            self.messages[message.metadata.dst_node_id] = message
+
+    def reply(self, node, arrays=None, metrics=None):
+        arrays = {k: v.numpy() for k, v in self.base.items()} if arrays is None else arrays
+        metrics = {"num-examples": 10} if metrics is None else metrics
+        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                              "metrics": MetricRecord(metrics)})
+        return Message(content, reply_to=self.messages[node])
+
+
+@pytest.mark.parametrize(
+    "fault, reason",
+    [
+        (lambda a, m: a.update({"pos_embed": np.zeros((1, 3, 96), np.float32)}), "shape"),
+        (lambda a, m: a.pop("norm.weight"), "missing keys"),
+        (lambda a, m: a.update({"head.weight": np.zeros((2, 96), np.float32)}), "unexpected keys"),
+        (lambda a, m: a["blocks.0.attn.qkv.weight"].__setitem__((0, 0), np.nan), "NaN"),
+        (lambda a, m: m.update({"num-examples": 0}), "num-examples is 0"),
+        (lambda a, m: m.update({"num-examples": -5.0}), "num-examples is -5.0"),
+        (lambda a, m: m.pop("num-examples"), "num-examples is None"),
+    ],
+)
+def test_faulty_replies_leave_the_aggregate_untouched(fault, reason):
+    stage = _Stage()
+    arrays, metrics = {k: v.numpy().copy() for k, v in stage.base.items()}, {"num-examples": 10}
+    fault(arrays, metrics)
+    assert not stage.strategy.accept_train_reply(stage.reply(1, arrays, metrics))
+    assert reason in stage.strategy.log.rejected[0]
+    assert stage.strategy._running.count == 0
+    assert stage.strategy.accept_train_reply(stage.reply(2))
+    new_base, metrics_out = stage.strategy.finish_stage(1)
+    assert metrics_out["replies"] == 1
+    np.testing.assert_array_equal(to_numpy(new_base)["cls_token"], stage.base["cls_token"].numpy())
+
+
+def test_error_replies_and_strangers_are_rejected():
+    stage = _Stage()
+    error_reply = Message(Error(code=0, reason="data file missing"), reply_to=stage.messages[1])
+    assert not stage.strategy.accept_train_reply(error_reply)
+    assert "data file missing" in stage.strategy.log.rejected[0]
+    stranger = stage.reply(2)
+    stranger.metadata.__dict__["_src_node_id"] = 99
+    assert not stage.strategy.accept_train_reply(stranger)
+    assert "not asked to train" in stage.strategy.log.rejected[1]
+
+
+def test_flowers_own_start_drives_stagewise(run_config):
+    config = run_config(datasets="ct-tissue,histology-stain")
+    grid = InProcessGrid(client_app, config, num_nodes=2)
+    strategy = StageWise(clients_per_stage=2)
+    base = ArrayRecord(create_backbone("vit-micro", 28).state_dict())
+    train = ConfigRecord({"local-epochs": 1, "lr": 1e-3, "weight-decay": 0.05, "batch-size": 64})
+    evaluate = ConfigRecord({"eval-mode": "linear-probe", "probe-epochs": 2, "eval-epochs": 1, "lr": 1e-3,
+                             "weight-decay": 0.05, "batch-size": 64})
+    result = strategy.start(grid, base, num_rounds=1, train_config=train, evaluate_config=evaluate)
+    assert set(result.arrays) == set(base)
+    assert not np.array_equal(result.arrays["cls_token"].numpy(), base["cls_token"].numpy())
+    assert set(result.evaluate_metrics_clientapp[1]) == {"ct-tissue/accuracy", "histology-stain/accuracy"}
