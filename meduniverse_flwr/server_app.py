@@ -49,7 +49,7 @@ def main(grid: Grid, context: Context) -> None:
         base = initial_base(config)
     except (ConfigError, ValueError) as err:
         log(ERROR, "%s", err)
-        raise SystemExit(1) from None
+        raise
     run_name = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-run{context.run_id}"
     outputs = RunOutputs(Path(config.output_dir), run_name, config.to_run_config())
     log(INFO, "MedUniverse run %s: outputs in %s", run_name, outputs.dir.resolve())

@@ -1,0 +1,95 @@
+"""Run the Flower CLI against a SuperLink this test starts, and stop it by PID.
+
+Each use gets its own FLWR_HOME and its own loopback ports, so tests never
+touch a user's Flower setup or a SuperLink someone else started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM the group we started (SuperLink + its simulation children), then SIGKILL."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@contextmanager
+def local_superlink(flwr_home: Path, cwd: Path):
+    """A simulation SuperLink on free loopback ports; yields the env for ``flwr`` commands."""
+    http_port, control_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
+    }
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    log_file = flwr_home / "superlink.log"
+    command = [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+               "--control-api-address", f"127.0.0.1:{control_port}", "--host", "127.0.0.1",
+               "--port", str(http_port), "--database", str(flwr_home / "state.db"), "--log-file", str(log_file)]
+    proc = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"SuperLink did not start; see {log_file}") from None
+                time.sleep(0.3)
+        yield env
+    finally:
+        stop_process_group(proc)
+
+
+def flwr_run(env: dict, run_config: str, federation_config: str, timeout: float = 900) -> tuple[str, str]:
+    """``flwr run . --stream``; returns (run id, output). The caller checks the status."""
+    result = subprocess.run(
+        [str(BIN / "flwr"), "run", str(REPO), "--stream", "--run-config", run_config,
+         "--federation-config", federation_config],
+        env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    output = result.stdout + result.stderr
+    match = re.search(r"Successfully started run (\d+)", output)
+    if result.returncode != 0 or match is None:
+        raise RuntimeError(f"flwr run failed (exit {result.returncode}):\n{output[-3000:]}")
+    return match.group(1), output
+
+
+def run_status(env: dict, run_id: str) -> str:
+    """The run's status as ``flwr ls`` reports it, e.g. ``finished:completed``."""
+    result = subprocess.run([str(BIN / "flwr"), "ls", "--run-id", run_id, "--format", "json"],
+                            env=env, capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(result.stdout)["runs"][0]["status"]
