@@ -129,7 +129,7 @@ def plot_accuracy_gain(stages: list[dict[str, Any]], summary: dict[str, Any], pa
     ax.bar(x, gains, color="tab:blue", alpha=0.35, label="mean gain (trained tasks)")
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(x)
-    ax.set_xlabel("stage (0 = MIM base)")
+    ax.set_xlabel("stage (0 = starting base)")
     ax.set_ylabel("accuracy gain over stage 0 (points)")
     p_value = summary["p_value"]
     ax.set_title("MedUniverse stage-wise gain" + (f"  (final p = {p_value:.3g})" if p_value is not None else ""))

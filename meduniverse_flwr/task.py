@@ -64,8 +64,9 @@ def probabilities(logits: torch.Tensor, label_kind: str) -> torch.Tensor:
     return torch.sigmoid(logits) if label_kind == "multilabel" else torch.softmax(logits, dim=1)
 
 
-def cosine_with_warmup(total_steps: int):
-    warmup = max(1, int(WARMUP_FRACTION * total_steps))
+def cosine_with_warmup(total_steps: int, warmup_fraction: float = WARMUP_FRACTION):
+    """LR factor per step: linear warm-up, then cosine decay to 0."""
+    warmup = max(1, int(warmup_fraction * total_steps))
 
     def factor(step: int) -> float:
         if step < warmup:

@@ -71,20 +71,24 @@ class NodeTask:
     test: TaskData
 
 
-def to_task_data(split: Split, label_kind: str, image_size: int) -> TaskData:
-    """uint8 N x 3 x S x S at the model's size, done once per load.
+def to_image_tensor(images: np.ndarray, image_size: int) -> torch.Tensor:
+    """uint8 N x S x S (x 3) -> uint8 N x 3 x size x size, done once per load.
 
     One universal model serves grayscale and colour modalities, so grayscale
     images are repeated over three channels.
     """
-    images = torch.from_numpy(np.ascontiguousarray(split.images))
-    images = images.unsqueeze(1).expand(-1, 3, -1, -1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
-    if images.shape[-1] != image_size:
-        resized = F.interpolate(images.float(), size=(image_size, image_size), mode="bilinear", antialias=True)
-        images = resized.round().clamp(0, 255).byte()
+    tensor = torch.from_numpy(np.ascontiguousarray(images))
+    tensor = tensor.unsqueeze(1).expand(-1, 3, -1, -1) if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
+    if tensor.shape[-1] != image_size:
+        resized = F.interpolate(tensor.float(), size=(image_size, image_size), mode="bilinear", antialias=True)
+        tensor = resized.round().clamp(0, 255).byte()
+    return tensor.contiguous()
+
+
+def to_task_data(split: Split, label_kind: str, image_size: int) -> TaskData:
     labels = torch.from_numpy(split.labels)
     labels = labels.float() if label_kind == "multilabel" else labels[:, 0].long()
-    return TaskData(images.contiguous(), labels)
+    return TaskData(to_image_tensor(split.images, image_size), labels)
 
 
 def _shard_seed(seed: int, dataset: str, split: str) -> int:

@@ -34,13 +34,7 @@ class Split:
 def read_npz(path: Path, n_classes: int, label_kind: str) -> dict[str, Split]:
     """Read and check a MedMNIST-format file; labels must fit ``n_classes`` and ``label_kind``."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path}: not found")
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise DataError(f"data file {path}: not a readable .npz file ({err})") from None
-    with archive:
+    with _open(path) as archive:
         splits = {split: _read_split(path, archive, split, n_classes, label_kind) for split in SPLITS}
     sizes = {s.images.shape[1:] for s in splits.values()}
     if len(sizes) != 1:
@@ -48,11 +42,32 @@ def read_npz(path: Path, n_classes: int, label_kind: str) -> dict[str, Split]:
     return splits
 
 
-def _read_split(path: Path, archive, split: str, n_classes: int, label_kind: str) -> Split:
-    for key in (f"{split}_images", f"{split}_labels"):
-        if key not in archive.files:
-            raise DataError(f"data file {path}: missing key '{key}' (has {sorted(archive.files)})")
-    images, labels = archive[f"{split}_images"], archive[f"{split}_labels"]
+def _open(path: Path):
+    if not path.is_file():
+        raise DataError(f"data file {path}: not found")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise DataError(f"data file {path}: not a readable .npz file ({err})") from None
+
+
+def _require(path: Path, archive, key: str) -> np.ndarray:
+    if key not in archive.files:
+        raise DataError(f"data file {path}: missing key '{key}' (has {sorted(archive.files)})")
+    return archive[key]
+
+
+def read_images(path: Path, splits: tuple[str, ...] = ("train", "val")) -> np.ndarray:
+    """Only the images of ``splits`` (for unlabeled pretraining: labels are never read)."""
+    path = Path(path)
+    with _open(path) as archive:
+        parts = [_check_images(path, split, _require(path, archive, f"{split}_images")) for split in splits]
+    if len({p.shape[1:] for p in parts}) != 1:
+        raise DataError(f"data file {path}: splits have different image shapes")
+    return np.concatenate(parts)
+
+
+def _check_images(path: Path, split: str, images: np.ndarray) -> np.ndarray:
     where = f"data file {path}: '{split}_images'"
     if images.dtype != np.uint8:
         raise DataError(f"{where} has dtype {images.dtype}, expected uint8")
@@ -62,6 +77,12 @@ def _read_split(path: Path, archive, split: str, n_classes: int, label_kind: str
         raise DataError(f"{where} has shape {images.shape}, expected N x S x S or N x S x S x 3")
     if len(images) == 0:
         raise DataError(f"{where} is empty")
+    return images
+
+
+def _read_split(path: Path, archive, split: str, n_classes: int, label_kind: str) -> Split:
+    images = _check_images(path, split, _require(path, archive, f"{split}_images"))
+    labels = _require(path, archive, f"{split}_labels")
     where = f"data file {path}: '{split}_labels'"
     if labels.ndim == 1:
         labels = labels[:, None]
