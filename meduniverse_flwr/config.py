@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 AGGREGATIONS = ("mean", "weighted")
+PRETRAIN_METHODS = ("mae", "simmim")
 EVAL_MODES = ("linear-probe", "finetune")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -38,8 +40,8 @@ class RunConfig:
     held_out: tuple[str, ...] = ()
     aggregation: str = "weighted"
     server_mix: float = 1.0
-    pretrain: str = "none"
-    pretrain_epochs: int = 0
+    pretrain: str = "mae"
+    pretrain_epochs: int = 10
     eval_mode: str = "linear-probe"
     eval_epochs: int = 1
     probe_epochs: int = 30
@@ -92,6 +94,11 @@ class RunConfig:
         check(self.weight_decay >= 0, "weight-decay", "must be >= 0")
         check(self.stage_timeout > 0, "stage-timeout", "must be > 0")
         check(self.device in DEVICES, "device", f"must be one of {DEVICES}")
+        if self.pretrain in PRETRAIN_METHODS:
+            check(self.pretrain_epochs >= 1, "pretrain-epochs", f"must be >= 1 with pretrain = '{self.pretrain}'")
+        elif self.pretrain != "none":
+            check(Path(self.pretrain).expanduser().is_file(), "pretrain",
+                  f"must be one of {('none', *PRETRAIN_METHODS)} or an existing checkpoint file")
         check(len(self.datasets) >= 1, "datasets", "must name at least one dataset")
         unknown = [name for name in self.held_out if name not in self.datasets]
         check(not unknown, "held-out", f"{unknown} not in 'datasets'")

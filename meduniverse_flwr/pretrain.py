@@ -32,12 +32,13 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from .config import PRETRAIN_METHODS
 from .model import create_backbone, save_backbone
 from .seeds import derive_seed
 from .task import cosine_with_warmup, resolve_device, to_input
 
 logger = logging.getLogger("flwr")
-METHODS = ("mae", "simmim")
+METHODS = PRETRAIN_METHODS
 DEFAULT_MASK_RATIO = {"mae": 0.75, "simmim": 0.6}
 
 
@@ -45,14 +46,18 @@ DEFAULT_MASK_RATIO = {"mae": 0.75, "simmim": 0.6}
 class PretrainSettings:
     method: str = "mae"
     epochs: int = 30
-    batch_size: int = 128
+    batch_size: int = 256
     lr: float = 1.5e-3
     weight_decay: float = 0.05
     warmup_epochs: int = 2
     mask_ratio: float = 0.0  # 0: the method's default (MAE 0.75, SimMIM 0.6)
-    decoder_dim: int = 128
-    decoder_depth: int = 2
-    norm_pix_loss: bool = True
+    # A light decoder keeps MAE's advantage: its cost is paid on all tokens.
+    decoder_dim: int = 64
+    decoder_depth: int = 1
+    # Off by default: per-patch normalised targets discard absolute intensity,
+    # which medical classes depend on (CT Hounsfield units, stain colour); on the
+    # embedded universe the linear probe is 0.706 with it, 0.789 without (10 epochs).
+    norm_pix_loss: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -130,8 +135,8 @@ class MaskedImageModel(nn.Module):
 
 
 class MAE(MaskedImageModel):
-    def __init__(self, encoder: VisionTransformer, decoder_dim: int = 128, decoder_depth: int = 2,
-                 decoder_heads: int = 4, norm_pix_loss: bool = True) -> None:
+    def __init__(self, encoder: VisionTransformer, decoder_dim: int = 64, decoder_depth: int = 1,
+                 decoder_heads: int = 4, norm_pix_loss: bool = False) -> None:
         super().__init__(encoder, norm_pix_loss)
         grid = encoder.patch_embed.grid_size[0]
         self.decoder_embed = nn.Linear(encoder.embed_dim, decoder_dim)
@@ -266,7 +271,8 @@ def pretrain(
                   {"model": model_name, "image-size": str(image_size), "pretrain": settings.method,
                    "epochs": str(settings.epochs), "mask-ratio": str(ratio)})
     (out_dir / "log.json").write_text(json.dumps({**key, "losses": losses, "images_per_second": speeds}, indent=2))
-    save_reconstruction_figure(mim, images[:6], ratio, settings.seed, out_dir / "reconstruction.png")
+    spread = torch.linspace(0, len(images) - 1, 6).long()  # across the corpus, not one dataset
+    save_reconstruction_figure(mim, images[spread], ratio, settings.seed, out_dir / "reconstruction.png")
     return PretrainResult(encoder_path, settings.epochs, losses, speeds)
 
 
@@ -329,13 +335,13 @@ def main(argv: list[str] | None = None) -> None:
                   "decoder_depth", "seed"):
         default = getattr(defaults, field)
         parser.add_argument("--" + field.replace("_", "-"), type=type(default), default=default)
-    parser.add_argument("--no-norm-pix-loss", action="store_true")
+    parser.add_argument("--norm-pix-loss", action="store_true", help="per-patch normalised MAE targets")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         settings = PretrainSettings(
-            method=args.method, norm_pix_loss=not args.no_norm_pix_loss,
+            method=args.method, norm_pix_loss=args.norm_pix_loss,
             **{f: getattr(args, f) for f in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                                             "mask_ratio", "decoder_dim", "decoder_depth", "seed")})
         images = load_corpus(args.data, args.data_root, args.image_size)

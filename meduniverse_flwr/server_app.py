@@ -6,6 +6,7 @@ Thin: the learning lives in ``strategy`` (aggregation), ``model`` and ``results`
 from __future__ import annotations
 
 import time
+import zlib
 from datetime import datetime, timezone
 from logging import ERROR, INFO
 from pathlib import Path
@@ -16,7 +17,10 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from .config import ConfigError, RunConfig
-from .model import create_backbone
+from .data import DEFAULT_ROOT
+from .data.corpus import load_corpus
+from .model import create_backbone, load_backbone
+from .pretrain import METHODS, PretrainSettings, pretrain
 from .results import RunOutputs, stage_entry
 from .strategy import StageWise
 
@@ -24,11 +28,33 @@ app = ServerApp()
 
 
 def initial_base(config: RunConfig) -> dict[str, torch.Tensor]:
-    """The stage-0 base: a seeded, randomly initialised backbone (``pretrain = none``)."""
-    if config.pretrain != "none":
-        raise ConfigError(f"run config: 'pretrain' = {config.pretrain!r}: only 'none' is available in this version")
+    """The stage-0 base: MIM-pretrained on the server (``mae`` / ``simmim``), loaded from a
+    checkpoint (a path), or a seeded random initialisation (``none``)."""
     torch.manual_seed(config.seed)
-    return create_backbone(config.model, config.image_size).state_dict()
+    backbone = create_backbone(config.model, config.image_size)
+    if config.pretrain == "none":
+        return backbone.state_dict()
+    if config.pretrain in METHODS:
+        # held-out domains stay unseen, test splits are never used
+        trained = [name for name in config.datasets if name not in config.held_out]
+        corpus = load_corpus(config.data, config.data_root, config.image_size, trained)
+        settings = PretrainSettings(method=config.pretrain, epochs=config.pretrain_epochs, seed=config.seed)
+        log(INFO, "pretraining the base: %s, %d epochs on %d unlabeled images", config.pretrain,
+            config.pretrain_epochs, len(corpus))
+        path = pretrain(config.model, config.image_size, corpus, settings,
+                        pretrain_cache_dir(config, settings, len(corpus)), config.device).encoder_path
+    else:
+        path = Path(config.pretrain).expanduser()
+    load_backbone(path, backbone)
+    log(INFO, "stage-0 base loaded from %s", path)
+    return backbone.state_dict()
+
+
+def pretrain_cache_dir(config: RunConfig, settings: PretrainSettings, n_images: int) -> Path:
+    """Pretraining is deterministic in its settings: runs with the same ones share (and resume) it."""
+    key = f"{config.model}-{config.image_size}-{config.data}-{n_images}-{settings}"
+    root = Path(config.data_root) if config.data_root else DEFAULT_ROOT
+    return root / "pretrain" / f"{settings.method}-{config.model}-{zlib.crc32(key.encode()):08x}"
 
 
 def format_table(stages: list[dict]) -> str:

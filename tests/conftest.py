@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))  # test helpers (inprocess_grid, flwr_cli)
+sys.path.insert(0, str(Path(__file__).parent))  # test helpers (inprocess_grid)
+sys.path.insert(0, str(ROOT))  # the simulation/ entry point is not part of the installed package
 
 
 def default_run_config() -> dict:
@@ -26,7 +27,7 @@ def run_config(data_root, tmp_path):
     def make(**overrides) -> dict:
         config = default_run_config()
         config.update({"data-root": str(data_root), "output-dir": str(tmp_path / "outputs"),
-                       "num-stages": 1, "local-epochs": 1, "probe-epochs": 3})
+                       "num-stages": 1, "local-epochs": 1, "probe-epochs": 3, "pretrain-epochs": 1})
         config.update({key.replace("_", "-"): value for key, value in overrides.items()})
         return config
 

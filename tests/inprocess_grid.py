@@ -61,7 +61,10 @@ class InProcessGrid(Grid):
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+        """Replies in the order their messages were pushed (as if nodes answered in turn)."""
+        wanted = set(message_ids)
+        ready = [i for i in self._replies if i in wanted]
+        return [self._replies.pop(i) for i in ready]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from flwr_cli import flwr_run, local_superlink, run_status
+from simulation.flower import flwr_run, local_superlink, run_status
 from safetensors.torch import load_file
 
 from meduniverse_flwr.model import create_backbone
@@ -11,15 +11,15 @@ from meduniverse_flwr.model import create_backbone
 
 @pytest.fixture
 def superlink(tmp_path):
-    with local_superlink(tmp_path / "flwr-home", cwd=tmp_path) as env:
-        yield env, tmp_path
+    with local_superlink(tmp_path / "flwr-home", cwd=tmp_path) as link:
+        yield link.env, tmp_path
 
 
 def test_four_nodes_three_stages(superlink, data_root):
     env, cwd = superlink
     run_id, output = flwr_run(
         env,
-        f"num-stages=3 local-epochs=1 probe-epochs=3 data-root='{data_root}' output-dir='outputs'",
+        f"num-stages=3 local-epochs=1 probe-epochs=3 pretrain-epochs=1 data-root='{data_root}' output-dir='outputs'",
         "num-supernodes=4 client-resources-num-cpus=1",
     )
     assert run_status(env, run_id) == "finished:completed", output[-3000:]

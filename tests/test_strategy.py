@@ -35,7 +35,7 @@ def two_runs(data_root, tmp_path_factory):
     results = []
     for attempt in range(2):
         config = {**default_run_config(), "data-root": str(data_root), "num-stages": 1, "local-epochs": 1,
-                  "probe-epochs": 3, "output-dir": str(tmp_path_factory.mktemp(f"run{attempt}"))}
+                  "probe-epochs": 3, "pretrain-epochs": 1, "output-dir": str(tmp_path_factory.mktemp(f"run{attempt}"))}
         results.append(run_federation(config, num_nodes=4))
     return results
 

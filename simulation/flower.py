@@ -1,7 +1,9 @@
-"""Run the Flower CLI against a SuperLink this test starts, and stop it by PID.
+"""Drive the Flower CLI against a SuperLink started here, and stop it by PID.
 
-Each use gets its own FLWR_HOME and its own loopback ports, so tests never
-touch a user's Flower setup or a SuperLink someone else started.
+Each use gets its own FLWR_HOME and its own free loopback ports, so a sweep job
+or a test never touches the user's Flower setup or a SuperLink someone else
+started, and everything it started (SuperLink, simulation, Ray) is its own
+process group, stopped when it ends, failed or not.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import time
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -39,9 +42,17 @@ def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
             proc.wait()
 
 
+@dataclass(frozen=True)
+class SuperLink:
+    env: dict
+    pid: int
+    log_file: Path
+
+
 @contextmanager
 def local_superlink(flwr_home: Path, cwd: Path):
-    """A simulation SuperLink on free loopback ports; yields the env for ``flwr`` commands."""
+    """A simulation SuperLink on free loopback ports, run from ``cwd`` (relative output paths
+    resolve there); yields its ``env`` for ``flwr`` commands and its PID."""
     http_port, control_port = free_port(), free_port()
     env = {
         **os.environ,
@@ -69,17 +80,19 @@ def local_superlink(flwr_home: Path, cwd: Path):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"SuperLink did not start; see {log_file}") from None
                 time.sleep(0.3)
-        yield env
+        yield SuperLink(env=env, pid=proc.pid, log_file=log_file)
     finally:
         stop_process_group(proc)
 
 
-def flwr_run(env: dict, run_config: str, federation_config: str, timeout: float = 900) -> tuple[str, str]:
-    """``flwr run . --stream``; returns (run id, output). The caller checks the status."""
+def flwr_run(env: dict, run_config: str, federation_config: str, timeout: float = 3600) -> tuple[str, str]:
+    """``flwr run <repo> --stream``; returns (run id, output). The caller checks the status,
+    since ``--stream`` exits 0 for a failed run."""
     result = subprocess.run(
         [str(BIN / "flwr"), "run", str(REPO), "--stream", "--run-config", run_config,
          "--federation-config", federation_config],
-        env=env, capture_output=True, text=True, timeout=timeout,
+        env={**env, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}, capture_output=True, text=True,
+        timeout=timeout,
     )
     output = result.stdout + result.stderr
     match = re.search(r"Successfully started run (\d+)", output)
