@@ -7,11 +7,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .config import RunConfig
-from .data import NodeTask, load_node_task
+from .data import NodeTask, load_node_task, options_from
+from .data.partition import node_dataset
 from .task import TrainSettings, evaluate_base, resolve_device, train_on_task
 
 app = ClientApp()
@@ -23,12 +26,11 @@ def node_task(context: Context) -> tuple[RunConfig, NodeTask]:
     config = RunConfig.from_run_config(context.run_config)
     node = context.node_config
     if "dataset" in node:
-        datasets, partition_id, num_partitions = (str(node["dataset"]),), 0, 1
+        entry, shard, n_shards = str(node["dataset"]), 0, 1
     else:
-        datasets, partition_id, num_partitions = config.datasets, int(node["partition-id"]), int(node["num-partitions"])
-    data_root = str(node.get("data-root", config.data_root))
-    task = load_node_task(config.data, data_root, datasets, config.image_size, config.seed, partition_id, num_partitions)
-    return config, task
+        entry, shard, n_shards = node_dataset(int(node["partition-id"]), int(node["num-partitions"]), config.datasets)
+    options = dataclasses.replace(options_from(config), root=str(node.get("data-root", config.data_root)))
+    return config, load_node_task(entry, shard, n_shards, options)
 
 
 def settings_from(message: Message, config: RunConfig, epochs_key: str) -> TrainSettings:

@@ -14,6 +14,8 @@ from typing import Any, Mapping
 
 AGGREGATIONS = ("mean", "weighted")
 PRETRAIN_METHODS = ("mae", "simmim")
+DATA_SOURCES = ("embedded", "medmnist", "folder", "dicom")
+PARTITIONS = ("iid", "dirichlet")
 EVAL_MODES = ("linear-probe", "finetune")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -38,6 +40,10 @@ class RunConfig:
     data_root: str = ""
     datasets: tuple[str, ...] = ("fundus-vessel", "histology-stain", "brain-tissue", "ct-tissue")
     held_out: tuple[str, ...] = ()
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    download: bool = False
+    skip_unreadable: bool = False
     aggregation: str = "weighted"
     server_mix: float = 1.0
     pretrain: str = "mae"
@@ -100,9 +106,24 @@ class RunConfig:
             check(Path(self.pretrain).expanduser().is_file(), "pretrain",
                   f"must be one of {('none', *PRETRAIN_METHODS)} or an existing checkpoint file")
         check(len(self.datasets) >= 1, "datasets", "must name at least one dataset")
-        unknown = [name for name in self.held_out if name not in self.datasets]
-        check(not unknown, "held-out", f"{unknown} not in 'datasets'")
+        check(self.data in DATA_SOURCES, "data", f"must be one of {DATA_SOURCES}")
+        check(self.partition in PARTITIONS, "partition", f"must be one of {PARTITIONS}")
+        check(self.dirichlet_alpha > 0, "dirichlet-alpha", "must be > 0")
+        unknown = [name for name in self.held_out if name not in self.dataset_names]
+        check(not unknown, "held-out", f"{unknown} not among the dataset names {self.dataset_names}")
         check(len(self.held_out) < len(self.datasets), "held-out", "leaves no dataset to train on")
+
+    @property
+    def dataset_names(self) -> tuple[str, ...]:
+        """Task names of the ``datasets`` entries (``medmnist:/x/pneumoniamnist.npz`` -> pneumoniamnist)."""
+        from .data import dataset_name
+
+        return tuple(dataset_name(entry, self.data) for entry in self.datasets)
+
+    @property
+    def training_datasets(self) -> tuple[str, ...]:
+        """The entries of ``datasets`` that are not held out."""
+        return tuple(e for e, n in zip(self.datasets, self.dataset_names) if n not in self.held_out)
 
 
 def _coerce(key: str, raw: Any, annotation: Any) -> Any:

@@ -320,15 +320,18 @@ def save_reconstruction_figure(mim: MaskedImageModel, images: torch.Tensor, rati
 
 # ------------------------------------------------------------------ corpus + CLI
 def main(argv: list[str] | None = None) -> None:
+    from .config import split_list
+    from .data import DataOptions
     from .data.corpus import load_corpus
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", choices=METHODS, default="mae")
     parser.add_argument("--model", default="vit-micro")
     parser.add_argument("--image-size", type=int, default=28)
-    parser.add_argument("--data", default="embedded",
-                        help="'embedded' (all embedded tasks) or comma list of MedMNIST .npz files")
-    parser.add_argument("--data-root", default="", help="cache directory of the embedded data")
+    parser.add_argument("--datasets", default="fundus-vessel,histology-stain,brain-tissue,ct-tissue",
+                        help="comma list of dataset entries, as in the run config (e.g. medmnist:pathmnist)")
+    parser.add_argument("--data", default="embedded", help="source of entries without a 'source:' prefix")
+    parser.add_argument("--data-root", default="", help="data / cache directory")
     parser.add_argument("--out", type=Path, required=True, help="output directory (resumes from it)")
     defaults = PretrainSettings()
     for field in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "mask_ratio", "decoder_dim",
@@ -344,8 +347,8 @@ def main(argv: list[str] | None = None) -> None:
             method=args.method, norm_pix_loss=args.norm_pix_loss,
             **{f: getattr(args, f) for f in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                                             "mask_ratio", "decoder_dim", "decoder_depth", "seed")})
-        images = load_corpus(args.data, args.data_root, args.image_size)
-        logger.info("pretrain corpus: %d unlabeled images from %s", len(images), args.data)
+        images = load_corpus(split_list(args.datasets), DataOptions(args.data, args.data_root, args.image_size))
+        logger.info("pretrain corpus: %d unlabeled images from %s", len(images), args.datasets)
         result = pretrain(args.model, args.image_size, images, settings, args.out, args.device)
     except ValueError as err:
         parser.exit(2, f"error: {err}\n")

@@ -17,7 +17,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from .config import ConfigError, RunConfig
-from .data import DEFAULT_ROOT
+from .data import DEFAULT_ROOT, options_from
 from .data.corpus import load_corpus
 from .model import create_backbone, load_backbone
 from .pretrain import METHODS, PretrainSettings, pretrain
@@ -36,8 +36,7 @@ def initial_base(config: RunConfig) -> dict[str, torch.Tensor]:
         return backbone.state_dict()
     if config.pretrain in METHODS:
         # held-out domains stay unseen, test splits are never used
-        trained = [name for name in config.datasets if name not in config.held_out]
-        corpus = load_corpus(config.data, config.data_root, config.image_size, trained)
+        corpus = load_corpus(config.training_datasets, options_from(config))
         settings = PretrainSettings(method=config.pretrain, epochs=config.pretrain_epochs, seed=config.seed)
         log(INFO, "pretraining the base: %s, %d epochs on %d unlabeled images", config.pretrain,
             config.pretrain_epochs, len(corpus))
@@ -52,7 +51,7 @@ def initial_base(config: RunConfig) -> dict[str, torch.Tensor]:
 
 def pretrain_cache_dir(config: RunConfig, settings: PretrainSettings, n_images: int) -> Path:
     """Pretraining is deterministic in its settings: runs with the same ones share (and resume) it."""
-    key = f"{config.model}-{config.image_size}-{config.data}-{n_images}-{settings}"
+    key = f"{config.model}-{config.image_size}-{config.training_datasets}-{n_images}-{settings}"
     root = Path(config.data_root) if config.data_root else DEFAULT_ROOT
     return root / "pretrain" / f"{settings.method}-{config.model}-{zlib.crc32(key.encode()):08x}"
 

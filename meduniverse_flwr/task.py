@@ -44,8 +44,9 @@ def autocast(device: torch.device):
 
 
 def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1]."""
-    return images.to(device, non_blocking=True).float().mul_(2.0 / 255.0).sub_(1.0)
+    """uint8 [0, 255], 1 or 3 channels -> float [-1, 1], 3 channels (grayscale repeated)."""
+    x = images.to(device, non_blocking=True).float().mul_(2.0 / 255.0).sub_(1.0)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -24,6 +24,10 @@ class DataConfig:
     root: str = ""
     datasets: list[str] = field(default_factory=list)
     held_out: list[str] = field(default_factory=list)
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    download: bool = False
+    skip_unreadable: bool = False
 
 
 @dataclass
@@ -89,6 +93,10 @@ def to_run_config(cfg, output_dir: str) -> dict:
         "data-root": cfg.data.root,
         "datasets": ",".join(cfg.data.datasets),
         "held-out": ",".join(cfg.data.held_out),
+        "partition": cfg.data.partition,
+        "dirichlet-alpha": cfg.data.dirichlet_alpha,
+        "download": cfg.data.download,
+        "skip-unreadable": cfg.data.skip_unreadable,
         "pretrain": pretrain,
         "pretrain-epochs": cfg.pretrain.epochs,
         "seed": cfg.seed,

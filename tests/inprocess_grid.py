@@ -18,11 +18,15 @@ from flwr.supercore.task_identity import TaskIdentity
 SERVER_NODE_ID = 1
 
 
+def act_as_server() -> None:
+    """Messages take their run and sender from the process identity Flower sets up."""
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SERVER_NODE_ID, 1
+
+
 class InProcessGrid(Grid):
     def __init__(self, app: ClientApp, run_config: dict, num_nodes: int,
                  tamper: dict[int, Callable[[Message], Message]] | None = None) -> None:
-        # Messages take their run and sender from the process identity Flower sets up.
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, SERVER_NODE_ID, 1
+        act_as_server()
         self.app = app
         self.contexts = {
             1000 + p: Context(run_id=1, node_id=1000 + p,

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from meduniverse_flwr.data import TaskCard, load_node_task, to_task_data
+from meduniverse_flwr.data import DataOptions, TaskCard, load_node_task, to_task_data
 from meduniverse_flwr.data.embedded import SPLIT_SIZES, TASKS, load_embedded, task_path
 from meduniverse_flwr.data.npz import DataError, Split, read_npz, write_npz
-from meduniverse_flwr.data.partition import iid_shard, node_dataset
+from meduniverse_flwr.data.partition import dirichlet_shard, iid_shard, node_dataset
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -28,17 +28,27 @@ def test_embedded_universe_spans_modalities_and_class_counts():
     assert len({len(t.classes) for t in TASKS.values()}) >= 3
 
 
-def test_node_task_maps_partitions_to_tasks_and_shards(data_root):
-    datasets = tuple(sorted(TASKS))
-    whole = load_node_task("embedded", str(data_root), datasets, 28, 0, 1, 4)
-    assert whole.card.name == datasets[1]
-    assert whole.train.images.shape == (whole.card.n_train, 3, 28, 28)
-    # 6 nodes over 4 tasks: partitions 1 and 5 split task 1 between them
-    half_a = load_node_task("embedded", str(data_root), datasets, 28, 0, 1, 6)
-    half_b = load_node_task("embedded", str(data_root), datasets, 28, 0, 5, 6)
-    assert half_a.card.name == half_b.card.name == datasets[1]
+def test_node_task_shards_a_dataset_between_nodes(data_root):
+    options = DataOptions(root=str(data_root))
+    whole = load_node_task("ct-tissue", 0, 1, options)
+    assert whole.card.name == "ct-tissue"
+    assert whole.train.images.shape == (whole.card.n_train, 1, 28, 28)  # CT: grayscale, one channel
+    half_a, half_b = (load_node_task("embedded:ct-tissue", shard, 2, options) for shard in (0, 1))
+    assert half_a.card.name == half_b.card.name == "ct-tissue"
     assert half_a.card.n_train + half_b.card.n_train == whole.card.n_train
     assert not torch.equal(half_a.train.images[:10], half_b.train.images[:10])
+
+
+def test_dirichlet_partition_is_disjoint_covering_seeded_and_skewed():
+    labels = np.repeat(np.arange(4), 250)
+    shards = [dirichlet_shard(labels, s, 5, alpha=0.3, seed=1, split_seed=2) for s in range(5)]
+    assert sorted(np.concatenate(shards).tolist()) == list(range(1000))
+    assert np.array_equal(shards[3], dirichlet_shard(labels, 3, 5, alpha=0.3, seed=1, split_seed=2))
+    mixes = np.array([np.bincount(labels[s], minlength=4) / max(len(s), 1) for s in shards])
+    assert mixes.max(axis=1).mean() > 0.5  # alpha 0.3: most shards are dominated by one class
+    iid_mixes = np.array([np.bincount(labels[s], minlength=4) / len(s) for s in
+                          (iid_shard(1000, k, 5, seed=2) for k in range(5))])
+    assert iid_mixes.max(axis=1).mean() < 0.4
 
 
 def test_partitioning_is_disjoint_covering_and_seeded():
@@ -55,7 +65,7 @@ def test_partitioning_is_disjoint_covering_and_seeded():
 def test_to_task_data_unifies_channels_and_size():
     gray = Split(np.full((4, 28, 28), 200, np.uint8), np.array([[0], [1], [1], [0]]))
     data = to_task_data(gray, "binary", 64)
-    assert data.images.shape == (4, 3, 64, 64) and data.images.dtype == torch.uint8
+    assert data.images.shape == (4, 1, 64, 64) and data.images.dtype == torch.uint8  # repeated per batch
     assert int(data.images.min()) == 200 and data.labels.dtype == torch.int64
     rgb = Split(np.zeros((2, 28, 28, 3), np.uint8), np.array([[1, 0, 1], [0, 0, 1]]))
     multi = to_task_data(rgb, "multilabel", 28)

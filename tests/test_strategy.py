@@ -7,12 +7,13 @@ from uuid import uuid4
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from inprocess_grid import InProcessGrid
+from inprocess_grid import InProcessGrid, act_as_server
 
 from meduniverse_flwr import server_app
 from meduniverse_flwr.client_app import app as client_app
 from meduniverse_flwr.data import TaskCard
 from meduniverse_flwr.model import create_backbone
+from meduniverse_flwr.results import stage_entry
 from meduniverse_flwr.strategy import StageWise, to_numpy
 
 
@@ -93,9 +94,10 @@ def test_a_bad_node_is_rejected_and_the_stage_completes(run_config, caplog):
 class _Stage:
     """A StageWise strategy mid-stage, with train messages to two fake nodes."""
 
-    def __init__(self):
+    def __init__(self, held_out=()):
+        act_as_server()
         self.base = create_backbone("vit-micro", 28).state_dict()
-        self.strategy = StageWise(clients_per_stage=2)
+        self.strategy = StageWise(clients_per_stage=2, held_out=held_out)
         self.strategy.cards = {1: TaskCard("a", "CT", 2, "binary", 10), 2: TaskCard("b", "MR", 3, "multiclass", 30)}
         self.messages = {}
         for message in self.strategy.configure_train(1, ArrayRecord(self.base), ConfigRecord(), grid=None):
@@ -158,3 +160,19 @@ def test_flowers_own_start_drives_stagewise(run_config):
     assert set(result.arrays) == set(base)
     assert not np.array_equal(result.arrays["cls_token"].numpy(), base["cls_token"].numpy())
     assert set(result.evaluate_metrics_clientapp[1]) == {"ct-tissue/accuracy", "histology-stain/accuracy"}
+
+
+def test_held_out_tasks_never_train_but_are_evaluated():
+    stage = _Stage(held_out={"b"})
+    assert set(stage.messages) == {1}  # no train message for the held-out task
+    evaluate = list(stage.strategy.configure_evaluate(1, ArrayRecord(stage.base), ConfigRecord(), grid=None))
+    assert sorted(m.metadata.dst_node_id for m in evaluate) == [1, 2]
+    replies = []
+    for message, accuracy in zip(evaluate, (0.5, 0.9)):
+        message.metadata.__dict__["_message_id"] = str(uuid4())
+        metrics = MetricRecord({"accuracy": accuracy, "auc": 0.7, "n-test": 10, "loss": 1.0})
+        replies.append(Message(RecordDict({"metrics": metrics}), reply_to=message))
+    stage.strategy.aggregate_evaluate(1, replies)
+    entry = stage_entry(1, stage.strategy.new_log(), 1.0)
+    assert entry["per_task"]["b"]["held_out"] is True and entry["per_task"]["a"]["held_out"] is False
+    assert entry["mean_accuracy"] == 0.5 and entry["mean_accuracy_held_out"] == 0.9

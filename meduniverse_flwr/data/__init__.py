@@ -13,10 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from ..metrics import LABEL_KINDS
+from .dicom import load_dicom_folder
 from .embedded import TASKS as EMBEDDED_TASKS
 from .embedded import load_embedded
+from .folder import load_folder
+from .medmnist import flag_of, load_medmnist
 from .npz import SPLITS, DataError, Split
-from .partition import iid_shard, node_dataset
+from .partition import dirichlet_shard, iid_shard
 
 DEFAULT_ROOT = Path.home() / ".cache" / "meduniverse_flwr"
 
@@ -72,17 +75,18 @@ class NodeTask:
 
 
 def to_image_tensor(images: np.ndarray, image_size: int) -> torch.Tensor:
-    """uint8 N x S x S (x 3) -> uint8 N x 3 x size x size, done once per load.
+    """uint8 N x S x S (x 3) -> uint8 N x C x size x size (C = 1 or 3), once per load.
 
-    One universal model serves grayscale and colour modalities, so grayscale
-    images are repeated over three channels.
+    No copy beyond the one that brings a memory-mapped file into RAM: grayscale
+    stays one channel (``task.to_input`` repeats it per batch for the 3-channel
+    model) and RGB stays a channels-last view.
     """
-    tensor = torch.from_numpy(np.ascontiguousarray(images))
-    tensor = tensor.unsqueeze(1).expand(-1, 3, -1, -1) if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
+    tensor = torch.from_numpy(np.require(images, requirements=["W"]))  # copies read-only memmaps once
+    tensor = tensor.unsqueeze(1) if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
     if tensor.shape[-1] != image_size:
         resized = F.interpolate(tensor.float(), size=(image_size, image_size), mode="bilinear", antialias=True)
         tensor = resized.round().clamp(0, 255).byte()
-    return tensor.contiguous()
+    return tensor
 
 
 def to_task_data(split: Split, label_kind: str, image_size: int) -> TaskData:
@@ -91,27 +95,101 @@ def to_task_data(split: Split, label_kind: str, image_size: int) -> TaskData:
     return TaskData(to_image_tensor(split.images, image_size), labels)
 
 
+SOURCES = ("embedded", "medmnist", "folder", "dicom")
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How dataset entries are found and read (hashable: node data are cached per process)."""
+
+    source: str = "embedded"  # the source of entries without a "source:" prefix
+    root: str = ""
+    image_size: int = 28
+    seed: int = 0
+    partition: str = "iid"  # how nodes sharing a dataset split it: iid | dirichlet
+    dirichlet_alpha: float = 0.5
+    download: bool = False
+    skip_unreadable: bool = False
+
+
+def options_from(config) -> DataOptions:
+    """The data options of a ``RunConfig``."""
+    return DataOptions(config.data, config.data_root, config.image_size, config.seed, config.partition,
+                       config.dirichlet_alpha, config.download, config.skip_unreadable)
+
+
+def parse_entry(entry: str, default_source: str) -> tuple[str, str]:
+    """``"medmnist:pneumoniamnist"`` -> (medmnist, pneumoniamnist); a bare name takes ``default_source``."""
+    source, sep, spec = entry.partition(":")
+    if not sep:
+        source, spec = default_source, entry
+    if source not in SOURCES:
+        raise DataError(f"dataset '{entry}': unknown source '{source}', choose one of {SOURCES}")
+    return source, spec
+
+
+def dataset_name(entry: str, default_source: str) -> str:
+    """The task name a dataset entry gets on its card (and in results / held-out lists)."""
+    source, spec = parse_entry(entry, default_source)
+    if source == "medmnist":
+        return flag_of(Path(spec)) if spec.endswith(".npz") or "/" in spec else spec
+    return Path(spec).expanduser().name if source in ("folder", "dicom") else spec
+
+
+def load_dataset(entry: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
+    """A dataset entry's card (n-train of the whole dataset) and splits, from whichever source."""
+    source, spec = parse_entry(entry, options.source)
+    root = Path(options.root).expanduser() if options.root else None
+    if source == "embedded":
+        if spec not in EMBEDDED_TASKS:
+            raise DataError(f"dataset '{spec}': not in the embedded universe {sorted(EMBEDDED_TASKS)}")
+        info = EMBEDDED_TASKS[spec]
+        splits = load_embedded(spec, root or DEFAULT_ROOT)
+        card = TaskCard(spec, info.modality, len(info.classes), info.label_kind, len(splits["train"]))
+    elif source == "medmnist":
+        flag, info, splits = load_medmnist(spec, options.root, options.image_size, options.download)
+        card = TaskCard(flag, info.modality, info.n_classes, info.label_kind, len(splits["train"]))
+    else:
+        path = Path(spec).expanduser() if Path(spec).expanduser().is_absolute() or root is None else root / spec
+        loader = load_folder if source == "folder" else load_dicom_folder
+        classes, label_kind, splits = loader(path, options.image_size, options.skip_unreadable)
+        modality = "images (site folder)" if source == "folder" else "DICOM"
+        card = TaskCard(path.name, modality, len(classes), label_kind, len(splits["train"]))
+    return card, splits
+
+
 def _shard_seed(seed: int, dataset: str, split: str) -> int:
     return zlib.crc32(f"{seed}:{dataset}:{split}".encode())
 
 
+def _stratify_by(labels: np.ndarray) -> np.ndarray:
+    """One class per example for label-skew partitioning (multilabel: its first positive label)."""
+    if labels.shape[1] == 1:
+        return labels[:, 0]
+    return np.where(labels.any(axis=1), labels.argmax(axis=1), labels.shape[1])
+
+
+def shard_indices(split: Split, card: TaskCard, split_name: str, shard: int, n_shards: int,
+                  options: DataOptions) -> np.ndarray:
+    split_seed = _shard_seed(options.seed, card.name, split_name)
+    if options.partition == "dirichlet":
+        return dirichlet_shard(_stratify_by(split.labels), shard, n_shards, options.dirichlet_alpha,
+                               _shard_seed(options.seed, card.name, "proportions"), split_seed)
+    return iid_shard(len(split), shard, n_shards, split_seed)
+
+
 @functools.lru_cache(maxsize=4)
-def load_node_task(
-    data: str, data_root: str, datasets: tuple[str, ...], image_size: int, seed: int,
-    partition_id: int, num_partitions: int,
-) -> NodeTask:
-    """The task this node holds. Cached, so a node process loads its data once per run."""
-    dataset, shard, n_shards = node_dataset(partition_id, num_partitions, datasets)
-    if data != "embedded":
-        raise DataError(f"data '{data}': unknown source, choose 'embedded'")
-    if dataset not in EMBEDDED_TASKS:
-        raise DataError(f"dataset '{dataset}': not in the embedded universe {sorted(EMBEDDED_TASKS)}")
-    info = EMBEDDED_TASKS[dataset]
-    splits = load_embedded(dataset, Path(data_root) if data_root else DEFAULT_ROOT)
-    label_kind = info.label_kind
+def load_node_task(entry: str, shard: int, n_shards: int, options: DataOptions) -> NodeTask:
+    """A node's task: shard ``shard`` of ``n_shards`` of the dataset ``entry``. Cached, so a
+    node process reads its data once per run, not once per message."""
+    card, splits = load_dataset(entry, options)
     if n_shards > 1:
         splits = {name: Split(split.images[idx], split.labels[idx]) for name, split in splits.items()
-                  for idx in [iid_shard(len(split), shard, n_shards, _shard_seed(seed, dataset, name))]}
-    tensors = {name: to_task_data(splits[name], label_kind, image_size) for name in SPLITS}
-    card = TaskCard(dataset, info.modality, len(info.classes), label_kind, len(tensors["train"]))
+                  for idx in [shard_indices(split, card, name, shard, n_shards, options)]}
+        for name, split in splits.items():
+            if len(split) == 0:
+                raise DataError(f"dataset '{entry}': shard {shard} of {n_shards} has an empty {name} split; "
+                                f"use fewer nodes or a larger dirichlet-alpha")
+    tensors = {name: to_task_data(splits[name], card.label_kind, options.image_size) for name in SPLITS}
+    card = TaskCard(card.name, card.modality, card.n_classes, card.label_kind, len(tensors["train"]))
     return NodeTask(card, tensors["train"], tensors["val"], tensors["test"])

@@ -1,32 +1,24 @@
-"""Unlabeled image corpora for server-side pretraining (labels are never read)."""
+"""Unlabeled image corpora for server-side pretraining (labels are never used)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
-from . import DEFAULT_ROOT, to_image_tensor
-from ..config import split_list
-from .embedded import TASKS, load_embedded
-from .npz import read_images
+from . import DataOptions, load_dataset, to_image_tensor
 
 PRETRAIN_SPLITS = ("train", "val")  # never test: stage-0 evaluation must not have seen it
 
 
-def load_corpus(spec: str, data_root: str, image_size: int, datasets: Sequence[str] = ()) -> torch.Tensor:
-    """uint8 N x 3 x S x S images.
-
-    ``spec`` is ``"embedded"`` (the train and val images of ``datasets``, or of
-    every embedded task) or a comma list of MedMNIST ``.npz`` files.
-    """
-    if spec == "embedded":
-        root = Path(data_root) if data_root else DEFAULT_ROOT
-        names = list(datasets) or sorted(TASKS)
-        arrays = [load_embedded(name, root)[split].images for name in names for split in PRETRAIN_SPLITS]
-    else:
-        arrays = [read_images(Path(path), PRETRAIN_SPLITS) for path in split_list(spec)]
-    if not arrays:
-        raise ValueError(f"pretrain corpus '{spec}': no images")
-    return torch.cat([to_image_tensor(images, image_size) for images in arrays])
+def load_corpus(entries: Sequence[str], options: DataOptions) -> torch.Tensor:
+    """uint8 N x 3 x S x S: the train and val images of every dataset entry (any source)."""
+    parts = []
+    for entry in entries:
+        _, splits = load_dataset(entry, options)
+        for split in PRETRAIN_SPLITS:
+            images = to_image_tensor(splits[split].images, options.image_size)
+            parts.append(images.expand(-1, 3, -1, -1))  # grayscale and colour in one batch
+    if not parts:
+        raise ValueError("pretrain corpus: no dataset given")
+    return torch.cat(parts)

@@ -8,6 +8,7 @@ line naming the file and the problem.
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -42,19 +43,57 @@ def read_npz(path: Path, n_classes: int, label_kind: str) -> dict[str, Split]:
     return splits
 
 
-def _open(path: Path):
+class _Archive:
+    """An ``.npz`` whose uncompressed members are memory-mapped, not read: a large
+    (e.g. 224 px) file is only paged in where a node's shard touches it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.zip = zipfile.ZipFile(path)
+        self.files = [name[: -len(".npy")] for name in self.zip.namelist() if name.endswith(".npy")]
+
+    def __enter__(self) -> "_Archive":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.zip.close()
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        info = self.zip.getinfo(f"{key}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            with self.zip.open(info) as member:
+                return np.lib.format.read_array(member, allow_pickle=False)
+        with open(self.path, "rb") as handle:
+            handle.seek(info.header_offset)
+            local_header = handle.read(30)
+            name_length, extra_length = struct.unpack("<HH", local_header[26:30])
+            handle.seek(info.header_offset + 30 + name_length + extra_length)
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran_order, dtype = read_header(handle)
+            offset = handle.tell()
+        if dtype.hasobject:
+            raise ValueError(f"member '{key}' holds Python objects")
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape,
+                         order="F" if fortran_order else "C")
+
+
+def _open(path: Path) -> _Archive:
     if not path.is_file():
         raise DataError(f"data file {path}: not found")
     try:
-        return np.load(path, allow_pickle=False)
+        return _Archive(path)
     except (OSError, ValueError, zipfile.BadZipFile) as err:
         raise DataError(f"data file {path}: not a readable .npz file ({err})") from None
 
 
-def _require(path: Path, archive, key: str) -> np.ndarray:
+def _require(path: Path, archive: _Archive, key: str) -> np.ndarray:
     if key not in archive.files:
         raise DataError(f"data file {path}: missing key '{key}' (has {sorted(archive.files)})")
-    return archive[key]
+    try:
+        return archive[key]
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise DataError(f"data file {path}: '{key}' cannot be read ({err})") from None
 
 
 def read_images(path: Path, splits: tuple[str, ...] = ("train", "val")) -> np.ndarray:
@@ -102,7 +141,7 @@ def _read_split(path: Path, archive, split: str, n_classes: int, label_kind: str
         value = labels[bad][0]
         allowed = "0 or 1" if label_kind == "multilabel" else f"0..{n_classes - 1}"
         raise DataError(f"{where}: label {value} out of range ({allowed})")
-    return Split(images=images, labels=np.asarray(labels, dtype=np.int64))
+    return Split(images=images, labels=np.array(labels, dtype=np.int64))
 
 
 def write_npz(path: Path, splits: dict[str, Split]) -> None:
