@@ -13,8 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .folder import read_labels_csv, stack_readable
-from .npz import SPLITS, DataError, Split
+from .folder import read_labels_csv, read_splits
+from .npz import DataError, Split
 
 
 def _first(value) -> float:
@@ -59,11 +59,5 @@ def load_dicom_folder(root: Path, image_size: int, skip_unreadable: bool = False
     if not (root / "labels.csv").is_file():
         raise DataError(f"DICOM dataset {root}: needs labels.csv (split,path,label)")
     classes, label_kind, entries = read_labels_csv(root)
-    splits = {}
-    for split in SPLITS:
-        paths, labels = entries[split]
-        if not paths:
-            raise DataError(f"DICOM dataset {root}: split '{split}' has no files")
-        images, label_array = stack_readable(paths, labels, lambda p: read_dicom(p, image_size), skip_unreadable)
-        splits[split] = Split(images, label_array)
+    splits = read_splits(f"DICOM dataset {root}", entries, lambda p: read_dicom(p, image_size), skip_unreadable)
     return classes, label_kind, splits

@@ -91,11 +91,17 @@ def load_folder(root: Path, image_size: int, skip_unreadable: bool = False) -> t
     classes, label_kind, entries = read_labels_csv(root) if (root / "labels.csv").is_file() else read_class_folders(root)
     if len(classes) < 2 and label_kind != "multilabel":
         raise DataError(f"image folder {root}: needs at least 2 classes, found {classes}")
+    splits = read_splits(f"image folder {root}", entries, lambda p: read_image(p, image_size), skip_unreadable)
+    return classes, label_kind, splits
+
+
+def read_splits(where: str, entries: dict[str, tuple[list[Path], list]], read, skip_unreadable: bool) -> dict[str, Split]:
+    """Decode the listed files of every split; ``where`` names the dataset in errors."""
     splits = {}
     for split in SPLITS:
         paths, labels = entries[split]
         if not paths:
-            raise DataError(f"image folder {root}: split '{split}' has no images")
-        images, label_array = stack_readable(paths, labels, lambda p: read_image(p, image_size), skip_unreadable)
+            raise DataError(f"{where}: split '{split}' has no files")
+        images, label_array = stack_readable(paths, labels, read, skip_unreadable)
         splits[split] = Split(images, label_array)
-    return classes, label_kind, splits
+    return splits
