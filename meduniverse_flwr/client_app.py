@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .config import RunConfig
 from .data import NodeTask, load_node_task, options_from
 from .data.partition import node_dataset
+from .messages import pack, unpack_torch
 from .task import TrainSettings, evaluate_base, resolve_device, train_on_task
 
 app = ClientApp()
@@ -54,10 +55,10 @@ def query(message: Message, context: Context) -> Message:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     config, task = node_task(context)
-    state = message.content.array_records["arrays"].to_torch_state_dict()
+    state = unpack_torch(message.content.array_records["arrays"], config.transport_dtype)
     backbone, metrics = train_on_task(config.model, config.image_size, task, state,
                                       settings_from(message, config, "local-epochs"))
-    content = RecordDict({"arrays": ArrayRecord(backbone), "metrics": MetricRecord(metrics)})
+    content = RecordDict({"arrays": pack(backbone, config.transport_dtype), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=message)
 
 
@@ -67,7 +68,7 @@ def evaluate(message: Message, context: Context) -> Message:
     sent = message.content.config_records["config"]
     eval_mode = str(sent["eval-mode"])
     epochs_key = "probe-epochs" if eval_mode == "linear-probe" else "eval-epochs"
-    backbone = message.content.array_records["arrays"].to_torch_state_dict()
+    backbone = unpack_torch(message.content.array_records["arrays"], config.transport_dtype)
     metrics = evaluate_base(config.model, config.image_size, task, backbone, eval_mode,
                             settings_from(message, config, epochs_key))
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)

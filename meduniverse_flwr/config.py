@@ -16,6 +16,7 @@ AGGREGATIONS = ("mean", "weighted")
 PRETRAIN_METHODS = ("mae", "simmim")
 DATA_SOURCES = ("embedded", "medmnist", "folder", "dicom")
 PARTITIONS = ("iid", "dirichlet")
+TRANSPORT_DTYPES = ("fp32", "bf16", "fp16")
 EVAL_MODES = ("linear-probe", "finetune")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -56,6 +57,7 @@ class RunConfig:
     weight_decay: float = 0.05
     seed: int = 0
     stage_timeout: float = 3600.0
+    transport_dtype: str = "fp32"
     device: str = "auto"
     output_dir: str = "outputs"
 
@@ -100,6 +102,7 @@ class RunConfig:
         check(self.weight_decay >= 0, "weight-decay", "must be >= 0")
         check(self.stage_timeout > 0, "stage-timeout", "must be > 0")
         check(self.device in DEVICES, "device", f"must be one of {DEVICES}")
+        check(self.transport_dtype in TRANSPORT_DTYPES, "transport-dtype", f"must be one of {TRANSPORT_DTYPES}")
         if self.pretrain in PRETRAIN_METHODS:
             check(self.pretrain_epochs >= 1, "pretrain-epochs", f"must be >= 1 with pretrain = '{self.pretrain}'")
         elif self.pretrain != "none":

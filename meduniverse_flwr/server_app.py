@@ -80,7 +80,7 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "MedUniverse run %s: outputs in %s", run_name, outputs.dir.resolve())
 
     strategy = StageWise(config.clients_per_stage, config.aggregation, config.server_mix, config.seed,
-                         config.held_out, config.stage_timeout)
+                         config.held_out, config.stage_timeout, config.transport_dtype)
     strategy.summary()
     if not strategy.query_cards(grid):
         raise RuntimeError("no node answered the task-card query; nothing to train")

@@ -17,30 +17,23 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.common import log
 
 from .aggregation import RunningAggregate, check_update, mix
 from .data import TaskCard
+from .messages import pack, to_numpy, to_record, unpack
 from .model import new_head_state
 from .seeds import derive_seed
 
 PULL_INTERVAL = 0.05  # seconds between pulls while waiting for replies
-
-
-def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {name: array.numpy() for name, array in record.items()}
-
-
-def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
 
 
 @dataclass
@@ -66,6 +59,7 @@ class StageWise(Strategy):
         seed: int = 0,
         held_out: Iterable[str] = (),
         timeout: float = 3600.0,
+        transport_dtype: str = "fp32",
     ) -> None:
         self.clients_per_stage = clients_per_stage
         self.aggregation = aggregation
@@ -73,6 +67,7 @@ class StageWise(Strategy):
         self.seed = seed
         self.held_out = frozenset(held_out)
         self.timeout = timeout
+        self.transport_dtype = transport_dtype
         self.cards: dict[int, TaskCard] = {}
         self.log = StageLog()
         self._base: dict[str, np.ndarray] = {}
@@ -129,9 +124,9 @@ class StageWise(Strategy):
         for node in sampled:
             card = self.cards[node]
             head_seed = derive_seed(self.seed, server_round, "head", card.name)
-            head = {k: v.numpy() for k, v in new_head_state(self._embed_dim(), card.n_classes, head_seed).items()}
+            head = new_head_state(self._embed_dim(), card.n_classes, head_seed)
             content = RecordDict({
-                "arrays": to_record({**self._base, **head}),
+                "arrays": pack({**self._base, **head}, self.transport_dtype),
                 "config": ConfigRecord({**dict(config), "stage": server_round,
                                         "seed": derive_seed(self.seed, server_round, "train", card.name)}),
             })
@@ -210,14 +205,15 @@ class StageWise(Strategy):
         if not self.cards:
             self.query_cards(grid)
         messages = []
+        sent = pack(to_numpy(arrays), self.transport_dtype)
         for node in sorted(self.cards):
             card = self.cards[node]
             content = RecordDict({
-                "arrays": arrays,
+                "arrays": sent,
                 "config": ConfigRecord({**dict(config), "stage": server_round,
                                         "seed": derive_seed(self.seed, "evaluate", card.name)}),
             })
-            self.log.bytes_down += arrays.count_bytes()
+            self.log.bytes_down += sent.count_bytes()
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE,
                                     group_id=f"evaluate-{server_round}"))
         return messages
@@ -274,7 +270,7 @@ class StageWise(Strategy):
         if not isinstance(num_examples, (int, float)) or not math.isfinite(num_examples) or num_examples <= 0:
             return {}, f"num-examples is {num_examples!r}, expected a positive number"
         try:
-            arrays = to_numpy(content.array_records["arrays"])
+            arrays = unpack(content.array_records["arrays"], self.transport_dtype)
         except Exception as err:  # a malformed payload from one node must not crash the server
             return {}, f"arrays cannot be decoded ({err})"
         return arrays, check_update(self._base, arrays)

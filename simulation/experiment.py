@@ -45,6 +45,7 @@ class StrategyConfig:
     lr: float = MISSING
     weight_decay: float = MISSING
     stage_timeout: float = MISSING
+    transport_dtype: str = MISSING
 
 
 @dataclass
@@ -78,7 +79,8 @@ def register() -> None:
 
 
 STRATEGY_KEYS = ("num_stages", "clients_per_stage", "local_epochs", "aggregation", "server_mix", "eval_mode",
-                 "eval_epochs", "probe_epochs", "batch_size", "lr", "weight_decay", "stage_timeout")
+                 "eval_epochs", "probe_epochs", "batch_size", "lr", "weight_decay", "stage_timeout",
+                 "transport_dtype")
 
 
 def to_run_config(cfg, output_dir: str) -> dict:

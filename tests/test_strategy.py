@@ -14,7 +14,8 @@ from meduniverse_flwr.client_app import app as client_app
 from meduniverse_flwr.data import TaskCard
 from meduniverse_flwr.model import create_backbone
 from meduniverse_flwr.results import stage_entry
-from meduniverse_flwr.strategy import StageWise, to_numpy
+from meduniverse_flwr.messages import pack, to_numpy
+from meduniverse_flwr.strategy import StageWise
 
 
 def run_federation(config: dict, num_nodes: int, tamper=None) -> tuple[dict, InProcessGrid]:
@@ -94,21 +95,22 @@ def test_a_bad_node_is_rejected_and_the_stage_completes(run_config, caplog):
 class _Stage:
     """A StageWise strategy mid-stage, with train messages to two fake nodes."""
 
-    def __init__(self, held_out=()):
+    def __init__(self, held_out=(), transport_dtype="fp32"):
         act_as_server()
         self.base = create_backbone("vit-micro", 28).state_dict()
-        self.strategy = StageWise(clients_per_stage=2, held_out=held_out)
+        self.strategy = StageWise(clients_per_stage=2, held_out=held_out, transport_dtype=transport_dtype)
         self.strategy.cards = {1: TaskCard("a", "CT", 2, "binary", 10), 2: TaskCard("b", "MR", 3, "multiclass", 30)}
         self.messages = {}
         for message in self.strategy.configure_train(1, ArrayRecord(self.base), ConfigRecord(), grid=None):
             message.metadata.__dict__["_message_id"] = str(uuid4())
             self.messages[message.metadata.dst_node_id] = message
 
-    def reply(self, node, arrays=None, metrics=None):
+    def reply(self, node, arrays=None, metrics=None, transport_dtype=None):
         arrays = {k: v.numpy() for k, v in self.base.items()} if arrays is None else arrays
         metrics = {"num-examples": 10} if metrics is None else metrics
-        content = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                              "metrics": MetricRecord(metrics)})
+        record = (ArrayRecord({k: Array(v) for k, v in arrays.items()}) if transport_dtype is None
+                  else pack(arrays, transport_dtype))
+        content = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
         return Message(content, reply_to=self.messages[node])
 
 
@@ -176,3 +178,16 @@ def test_held_out_tasks_never_train_but_are_evaluated():
     entry = stage_entry(1, stage.strategy.new_log(), 1.0)
     assert entry["per_task"]["b"]["held_out"] is True and entry["per_task"]["a"]["held_out"] is False
     assert entry["mean_accuracy"] == 0.5 and entry["mean_accuracy_held_out"] == 0.9
+
+
+def test_bf16_transport_halves_the_bytes_both_ways():
+    fp32, bf16 = _Stage(), _Stage(transport_dtype="bf16")
+    assert bf16.messages[1].content.array_records["arrays"]["cls_token"].dtype == "uint16"
+    assert 2 * bf16.strategy.log.bytes_down == pytest.approx(fp32.strategy.log.bytes_down, rel=0.01)
+    assert not bf16.strategy.accept_train_reply(bf16.reply(1))  # a float32 reply breaks the agreed encoding
+    assert "arrived as float32, expected uint16" in bf16.strategy.log.rejected[0]
+    assert bf16.strategy.accept_train_reply(bf16.reply(2, transport_dtype="bf16"))
+    assert fp32.strategy.accept_train_reply(fp32.reply(2))
+    assert 2 * bf16.strategy.log.bytes_up == pytest.approx(fp32.strategy.log.bytes_up, rel=0.01)
+    new_base, _ = bf16.strategy.finish_stage(1)
+    assert to_numpy(new_base)["cls_token"].dtype == np.float32  # the server's base stays full precision
