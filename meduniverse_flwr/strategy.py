@@ -120,13 +120,15 @@ class StageWise(Strategy):
                 self.clients_per_stage, len(candidates), len(candidates))
         sampled = candidates  # all trainable nodes are asked; the first K valid replies count
         self._train_nodes = {node: self.cards[node] for node in sampled}
+        # serialise the base once; every message shares its arrays and adds its own head
+        base = dict(pack(self._base, self.transport_dtype))
         messages = []
         for node in sampled:
             card = self.cards[node]
             head_seed = derive_seed(self.seed, server_round, "head", card.name)
-            head = new_head_state(self._embed_dim(), card.n_classes, head_seed)
+            head = pack(new_head_state(self._embed_dim(), card.n_classes, head_seed), self.transport_dtype)
             content = RecordDict({
-                "arrays": pack({**self._base, **head}, self.transport_dtype),
+                "arrays": ArrayRecord({**base, **head}),
                 "config": ConfigRecord({**dict(config), "stage": server_round,
                                         "seed": derive_seed(self.seed, server_round, "train", card.name)}),
             })

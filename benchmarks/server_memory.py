@@ -1,0 +1,141 @@
+"""Server memory flat in the number of replies K; aggregation cost per reply.
+
+    python benchmarks/server_memory.py [--model vit-small] [--image-size 224]
+
+For K = 2, 8, 32 (each in a fresh process), ``StageWise.run_train_stage``
+drives a synthetic grid whose K nodes answer one at a time with random
+backbones of the real shapes; the peak RSS of the process is reported. Then
+the cost of folding one reply into the running aggregate is timed against a
+plain NumPy add over the same float32 bytes.
+"""
+
+import argparse
+import resource
+import subprocess
+import sys
+import time
+from uuid import uuid4
+
+import numpy as np
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def one_stage(k: int, model: str, image_size: int) -> None:
+    """Child process: one stage with K synthetic replies; prints peak RSS before and after."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.serverapp import Grid
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from meduniverse_flwr.data import TaskCard
+    from meduniverse_flwr.messages import pack
+    from meduniverse_flwr.model import create_backbone
+    from meduniverse_flwr.strategy import StageWise
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    base = ArrayRecord(create_backbone(model, image_size).state_dict())
+    shapes = {name: array.shape for name, array in base.items()}
+    rng = np.random.default_rng(0)
+
+    class SyntheticGrid(Grid):
+        """K nodes; each pull returns one fresh reply, as if replies trickle in."""
+
+        def __init__(self):
+            self.pushed: dict[str, Message] = {}
+
+        def get_node_ids(self):
+            return list(range(k))
+
+        def push_messages(self, messages):
+            ids = []
+            for message in messages:
+                message.metadata.__dict__["_message_id"] = str(uuid4())
+                message.content = RecordDict()  # a SuperLink keeps serialised bytes, not our objects
+                self.pushed[message.metadata.message_id] = message
+                ids.append(message.metadata.message_id)
+            return ids
+
+        def pull_messages(self, message_ids):
+            for message_id in message_ids:
+                message = self.pushed.pop(message_id, None)
+                if message is not None:
+                    arrays = {n: rng.standard_normal(s, dtype=np.float32) for n, s in shapes.items()}
+                    content = RecordDict({"arrays": pack(arrays, "fp32"),
+                                          "metrics": MetricRecord({"num-examples": 100})})
+                    return [Message(content, reply_to=message)]
+            return []
+
+        def send_and_receive(self, messages, *, timeout=None):
+            raise NotImplementedError
+
+        def create_message(self, *args, **kwargs):
+            raise NotImplementedError
+
+        def set_run(self, run):
+            pass
+
+        @property
+        def run(self):
+            raise NotImplementedError
+
+    strategy = StageWise(clients_per_stage=k)
+    strategy.cards = {node: TaskCard(f"task-{node}", "synthetic", 2, "binary", 100) for node in range(k)}
+    before = peak_rss_mb()
+    new_base, metrics = strategy.run_train_stage(SyntheticGrid(), 1, base, ConfigRecord())
+    assert metrics["replies"] == k
+    print(f"{before:.1f} {peak_rss_mb():.1f}")
+
+
+def fold_cost(model: str, image_size: int, repeats: int = 5) -> tuple[float, float, int]:
+    from meduniverse_flwr.aggregation import RunningAggregate
+    from meduniverse_flwr.model import create_backbone
+
+    shapes = {n: tuple(t.shape) for n, t in create_backbone(model, image_size).state_dict().items()}
+    rng = np.random.default_rng(0)
+    update = {n: rng.standard_normal(s, dtype=np.float32) for n, s in shapes.items()}
+    total = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
+    running = RunningAggregate("weighted")
+    running.add(update, 7)  # allocate the sums before timing
+    started = time.perf_counter()
+    for _ in range(repeats):
+        running.add(update, 7)
+    ours = (time.perf_counter() - started) / repeats
+    started = time.perf_counter()
+    for _ in range(repeats):
+        for name in total:
+            np.add(total[name], update[name], out=total[name])
+    plain = (time.perf_counter() - started) / repeats
+    return ours, plain, sum(a.nbytes for a in update.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="vit-small")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        one_stage(args.child, args.model, args.image_size)
+        return
+    from meduniverse_flwr.model import create_backbone
+
+    backbone_mb = sum(t.numel() * 4 for t in create_backbone(args.model, args.image_size).state_dict().values()) / 2**20
+    peaks = {}
+    for k in (2, 8, 32):
+        out = subprocess.run([sys.executable, __file__, "--child", str(k), "--model", args.model,
+                              "--image-size", str(args.image_size)], capture_output=True, text=True, check=True)
+        before, after = map(float, out.stdout.split()[-2:])
+        peaks[k] = after
+        print(f"K={k:2d}: peak RSS {after:7.1f} MiB (before the stage {before:.1f} MiB)")
+    growth = peaks[32] - peaks[2]
+    print(f"{args.model} backbone = {backbone_mb:.1f} MiB; growth K=2 -> K=32: {growth:.1f} MiB = "
+          f"{growth / backbone_mb:.2f} backbones (target < 2)")
+    ours, plain, nbytes = fold_cost(args.model, args.image_size)
+    print(f"fold one reply ({nbytes / 2**20:.1f} MiB): {1e3 * ours:.1f} ms; NumPy float32 add over the same "
+          f"bytes: {1e3 * plain:.1f} ms; ratio {ours / plain:.2f} (target <= 2)")
+
+
+if __name__ == "__main__":
+    main()
