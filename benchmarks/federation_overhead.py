@@ -25,9 +25,8 @@ import torch
 from meduniverse_flwr.aggregation import RunningAggregate, mix
 from meduniverse_flwr.config import RunConfig
 from meduniverse_flwr.data import load_node_task, options_from
-from meduniverse_flwr.model import create_backbone
+from meduniverse_flwr.model import create_backbone, embed_dim, new_head_state
 from meduniverse_flwr.seeds import derive_seed
-from meduniverse_flwr.model import new_head_state
 from meduniverse_flwr.task import TrainSettings, evaluate_base, train_on_task
 from simulation.flower import flwr_run, local_superlink, run_status
 
@@ -53,7 +52,7 @@ def plain_loop(config: RunConfig) -> list[float]:
     for stage in range(1, config.num_stages + 1):
         running = RunningAggregate(config.aggregation)
         for task in tasks:
-            head = new_head_state(96, task.card.n_classes, derive_seed(config.seed, stage, "head", task.card.name))
+            head = new_head_state(embed_dim(config.model), task.card.n_classes, derive_seed(config.seed, stage, "head", task.card.name))
             state = {**{k: torch.from_numpy(v.copy()) for k, v in base.items()}, **head}
             settings = TrainSettings(config.local_epochs, config.lr, config.weight_decay, config.batch_size,
                                      derive_seed(config.seed, stage, "train", task.card.name), device)
