@@ -105,13 +105,13 @@ class _Stage:
             message.metadata.__dict__["_message_id"] = str(uuid4())
             self.messages[message.metadata.dst_node_id] = message
 
-    def reply(self, node, arrays=None, metrics=None, transport_dtype=None):
+    def reply(self, node, arrays=None, metrics=None, transport_dtype=None, to=None):
         arrays = {k: v.numpy() for k, v in self.base.items()} if arrays is None else arrays
         metrics = {"num-examples": 10} if metrics is None else metrics
         record = (ArrayRecord({k: Array(v) for k, v in arrays.items()}) if transport_dtype is None
                   else pack(arrays, transport_dtype))
         content = RecordDict({"arrays": record, "metrics": MetricRecord(metrics)})
-        return Message(content, reply_to=self.messages[node])
+        return Message(content, reply_to=to or self.messages[node])
 
 
 @pytest.mark.parametrize(
@@ -191,3 +191,41 @@ def test_bf16_transport_halves_the_bytes_both_ways():
     assert 2 * bf16.strategy.log.bytes_up == pytest.approx(fp32.strategy.log.bytes_up, rel=0.01)
     new_base, _ = bf16.strategy.finish_stage(1)
     assert to_numpy(new_base)["cls_token"].dtype == np.float32  # the server's base stays full precision
+
+
+def test_streaming_stage_equals_batch_aggregation_exactly():
+    """run_train_stage (pull and fold one by one) == aggregate_train over the same replies."""
+    rng = np.random.default_rng(0)
+
+    class ReplyingGrid:
+        """Answers each train message with a fixed random backbone, one reply per pull."""
+
+        def __init__(self, stage):
+            self.stage, self.pending = stage, {}
+
+        def push_messages(self, messages):
+            for message in messages:
+                message.metadata.__dict__["_message_id"] = str(uuid4())
+                self.pending[message.metadata.message_id] = message
+            return list(self.pending)
+
+        def pull_messages(self, ids):
+            for message_id in list(ids):
+                if message_id in self.pending:
+                    message = self.pending.pop(message_id)
+                    node = message.metadata.dst_node_id
+                    return [self.stage.reply(node, updates[node], {"num-examples": [10, 30][node - 1]}, to=message)]
+            return []
+
+    streaming, batch = _Stage(), _Stage()
+    updates = {node: {k: rng.normal(size=v.shape).astype(np.float32) for k, v in streaming.base.items()}
+               for node in (1, 2)}
+    streamed, _ = streaming.strategy.run_train_stage(ReplyingGrid(streaming), 1, ArrayRecord(streaming.base),
+                                                     ConfigRecord())
+    batched, _ = batch.strategy.aggregate_train(1, [batch.reply(n, updates[n], {"num-examples": [10, 30][n - 1]})
+                                                   for n in (1, 2)])
+    for name in streaming.base:
+        np.testing.assert_array_equal(to_numpy(streamed)[name], to_numpy(batched)[name])
+    assert streaming.strategy.new_log().participants == ["a", "b"]
+    expected = 0.25 * updates[1]["cls_token"].astype(np.float64) + 0.75 * updates[2]["cls_token"]
+    np.testing.assert_allclose(to_numpy(streamed)["cls_token"], expected, rtol=1e-6)
