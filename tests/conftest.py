@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))  # test helpers (inprocess_grid)
 sys.path.insert(0, str(ROOT))  # the simulation/ entry point is not part of the installed package
 
 

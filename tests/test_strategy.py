@@ -7,7 +7,7 @@ from uuid import uuid4
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from inprocess_grid import InProcessGrid, act_as_server
+from simulation.inprocess import InProcessGrid, act_as_server
 
 from meduniverse_flwr import server_app
 from meduniverse_flwr.client_app import app as client_app

@@ -1,4 +1,7 @@
-"""A Flower ``Grid`` that runs real ClientApp handlers in this process, for fast tests.
+"""A Flower ``Grid`` that runs real ClientApp handlers in this process: no SuperLink, no Ray.
+
+For tests and quick experiments (``benchmarks/compare_runs.py``); a run through
+it gives the same results as ``flwr run`` with the same config (same seeds).
 
 Each node has its own ``Context`` (node config with partition-id / num-partitions,
 as the simulation engine gives). ``tamper`` maps a node id to a function that
