@@ -60,6 +60,7 @@ class RunConfig:
     transport_dtype: str = "fp32"
     device: str = "auto"
     output_dir: str = "outputs"
+    resume_from: str = ""
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
@@ -102,6 +103,8 @@ class RunConfig:
         check(self.weight_decay >= 0, "weight-decay", "must be >= 0")
         check(self.stage_timeout > 0, "stage-timeout", "must be > 0")
         check(self.device in DEVICES, "device", f"must be one of {DEVICES}")
+        check(not self.resume_from or (Path(self.resume_from).expanduser() / "results.json").is_file(),
+              "resume-from", "must be a run directory holding results.json")
         check(self.transport_dtype in TRANSPORT_DTYPES, "transport-dtype", f"must be one of {TRANSPORT_DTYPES}")
         if self.pretrain in PRETRAIN_METHODS:
             check(self.pretrain_epochs >= 1, "pretrain-epochs", f"must be >= 1 with pretrain = '{self.pretrain}'")

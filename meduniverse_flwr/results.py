@@ -71,20 +71,51 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     tmp.replace(path)
 
 
-class RunOutputs:
-    """Everything a run writes, each file written atomically so a crash never leaves half of one."""
+# Keys a resumed run may change: they do not alter what the finished stages computed.
+RESUME_MAY_DIFFER = ("num-stages", "output-dir", "resume-from", "stage-timeout", "device")
 
-    def __init__(self, output_dir: Path, run_name: str, config: dict[str, Any]) -> None:
-        self.root = Path(output_dir)
-        self.dir = self.root / run_name
-        self.dir.mkdir(parents=True, exist_ok=False)
+
+class RunOutputs:
+    """Everything a run writes, each file written atomically so a crash never leaves half of one.
+
+    After every stage the checkpoint is written first, then results.json: the
+    run directory is always a consistent place to resume from.
+    """
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], stages: list[dict[str, Any]]) -> None:
+        self.dir = Path(run_dir)
         self.config = config
-        self.stages: list[dict[str, Any]] = []
-        latest = self.root / "latest"
-        tmp = self.root / f".latest-{run_name}"
+        self.stages = stages
+
+    @classmethod
+    def create(cls, output_dir: Path, run_name: str, config: dict[str, Any]) -> "RunOutputs":
+        root = Path(output_dir)
+        (root / run_name).mkdir(parents=True, exist_ok=False)
+        tmp = root / f".latest-{run_name}"
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(run_name, target_is_directory=True)
-        os.replace(tmp, latest)
+        os.replace(tmp, root / "latest")
+        return cls(root / run_name, config, [])
+
+    @classmethod
+    def resume(cls, run_dir: Path, config: dict[str, Any]) -> "RunOutputs":
+        """Reopen a run directory to continue after its last completed stage; ValueError says why not."""
+        path = Path(run_dir).expanduser() / "results.json"
+        try:
+            previous = json.loads(path.read_text())
+            stages, old_config = previous["stages"], previous["config"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"resume-from: {path} is not a readable results.json ({err})") from None
+        if not stages:
+            raise ValueError(f"resume-from: {path} has no completed stage")
+        changed = sorted(k for k in config if k not in RESUME_MAY_DIFFER and old_config.get(k) != config[k])
+        if changed:
+            raise ValueError(f"resume-from: {path} was made with other settings: "
+                             + ", ".join(f"{k} {old_config.get(k)!r} -> {config[k]!r}" for k in changed))
+        outputs = cls(path.parent, config, stages)
+        if not outputs.checkpoint_path(stages[-1]["stage"]).is_file():
+            raise ValueError(f"resume-from: {outputs.checkpoint_path(stages[-1]['stage'])} is missing")
+        return outputs
 
     @property
     def results_path(self) -> Path:

@@ -67,17 +67,30 @@ def format_table(stages: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def open_outputs(config: RunConfig, run_id: int) -> tuple[RunOutputs, dict[str, torch.Tensor]]:
+    """A new run directory and the stage-0 base, or (``resume-from``) the old directory and its
+    last completed stage's base."""
+    if not config.resume_from:
+        run_name = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-run{run_id}"
+        base = initial_base(config)
+        return RunOutputs.create(Path(config.output_dir), run_name, config.to_run_config()), base
+    outputs = RunOutputs.resume(Path(config.resume_from), config.to_run_config())
+    last = outputs.stages[-1]["stage"]
+    backbone = create_backbone(config.model, config.image_size)
+    load_backbone(outputs.checkpoint_path(last), backbone)
+    log(INFO, "resuming %s after stage %d", outputs.dir, last)
+    return outputs, backbone.state_dict()
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     try:
         config = RunConfig.from_run_config(context.run_config)
-        base = initial_base(config)
+        outputs, base = open_outputs(config, context.run_id)
     except (ConfigError, ValueError) as err:
         log(ERROR, "%s", err)
         raise
-    run_name = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-run{context.run_id}"
-    outputs = RunOutputs(Path(config.output_dir), run_name, config.to_run_config())
-    log(INFO, "MedUniverse run %s: outputs in %s", run_name, outputs.dir.resolve())
+    log(INFO, "MedUniverse run: outputs in %s", outputs.dir.resolve())
 
     strategy = StageWise(config.clients_per_stage, config.aggregation, config.server_mix, config.seed,
                          config.held_out, config.stage_timeout, config.transport_dtype)
@@ -104,8 +117,9 @@ def main(grid: Grid, context: Context) -> None:
         outputs.add_stage(entry)
         log(INFO, "stage %d: mean accuracy %s, %.1fs", stage, entry["mean_accuracy"], entry["seconds"])
 
-    finish_stage(0, time.monotonic())
-    for stage in range(1, config.num_stages + 1):
+    if not outputs.stages:
+        finish_stage(0, time.monotonic())
+    for stage in range(outputs.stages[-1]["stage"] + 1, config.num_stages + 1):
         started = time.monotonic()
         log(INFO, "[STAGE %d/%d]", stage, config.num_stages)
         new_base, _ = strategy.run_train_stage(grid, stage, arrays, train_config)

@@ -71,6 +71,7 @@ class ExperimentConfig:
     federation: FederationConfig = MISSING
     seed: int = 0
     device: str = "auto"
+    resume_from: str = ""
 
 
 def register() -> None:
@@ -103,6 +104,7 @@ def to_run_config(cfg, output_dir: str) -> dict:
         "pretrain-epochs": cfg.pretrain.epochs,
         "seed": cfg.seed,
         "device": cfg.device,
+        "resume-from": cfg.resume_from,
         "output-dir": output_dir,
     }
     run_config.update({key.replace("_", "-"): cfg.strategy[key] for key in STRATEGY_KEYS})

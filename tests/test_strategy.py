@@ -229,3 +229,44 @@ def test_streaming_stage_equals_batch_aggregation_exactly():
     assert streaming.strategy.new_log().participants == ["a", "b"]
     expected = 0.25 * updates[1]["cls_token"].astype(np.float64) + 0.75 * updates[2]["cls_token"]
     np.testing.assert_allclose(to_numpy(streamed)["cls_token"], expected, rtol=1e-6)
+
+
+class KilledAfterStage(InProcessGrid):
+    """The ServerApp process 'dies' when it starts training stage ``stage``."""
+
+    def __init__(self, *args, stage, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stage = stage
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        if any(m.metadata.group_id == f"stage-{self.stage}" for m in messages):
+            raise KeyboardInterrupt("killed")
+        return super().push_messages(messages)
+
+
+def test_a_killed_run_resumes_to_the_same_results(run_config, tmp_path):
+    straight = run_config(num_stages=2, output_dir=str(tmp_path / "straight"),
+                          datasets="ct-tissue,histology-stain", clients_per_stage=2)
+    expected, _ = run_federation(straight, num_nodes=2)
+
+    killed = {**straight, "output-dir": str(tmp_path / "killed")}
+    grid = KilledAfterStage(client_app, killed, 2, stage=2)
+    with pytest.raises(KeyboardInterrupt):
+        server_app.main(grid, Context(run_id=8, node_id=0, node_config={}, state=RecordDict(), run_config=killed))
+    run_dir = (tmp_path / "killed" / "latest").resolve()
+    assert [s["stage"] for s in json.loads((run_dir / "results.json").read_text())["stages"]] == [0, 1]
+
+    resumed, grid = run_federation({**killed, "resume-from": str(run_dir)}, num_nodes=2)
+    assert without_seconds(resumed["stages"]) == without_seconds(expected["stages"])
+    assert not any(m.metadata.group_id == "stage-1" for m in grid.pushed)  # stage 1 was not redone
+    assert (run_dir / "checkpoints" / "stage-2.safetensors").is_file()
+
+
+def test_resume_refuses_other_settings(run_config, tmp_path):
+    first = run_config(num_stages=1, datasets="ct-tissue,histology-stain", clients_per_stage=2)
+    run_federation(first, num_nodes=2)
+    run_dir = str((tmp_path / "outputs" / "latest").resolve())
+    with pytest.raises(ValueError, match=r"results.json was made with other settings: seed 0 -> 1") as err:
+        run_federation({**first, "seed": 1, "num-stages": 2, "resume-from": run_dir}, num_nodes=2)
+    assert "\n" not in str(err.value)
