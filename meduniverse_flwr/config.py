@@ -57,6 +57,8 @@ class RunConfig:
     weight_decay: float = 0.05
     seed: int = 0
     stage_timeout: float = 3600.0
+    oversample: float = 1.0
+    min_replies: int = 1
     transport_dtype: str = "fp32"
     device: str = "auto"
     output_dir: str = "outputs"
@@ -102,6 +104,8 @@ class RunConfig:
         check(self.lr > 0, "lr", "must be > 0")
         check(self.weight_decay >= 0, "weight-decay", "must be >= 0")
         check(self.stage_timeout > 0, "stage-timeout", "must be > 0")
+        check(self.oversample >= 1.0, "oversample", "must be >= 1 (ask at least K nodes)")
+        check(1 <= self.min_replies <= self.clients_per_stage, "min-replies", "must be in 1..clients-per-stage")
         check(self.device in DEVICES, "device", f"must be one of {DEVICES}")
         check(not self.resume_from or (Path(self.resume_from).expanduser() / "results.json").is_file(),
               "resume-from", "must be a run directory holding results.json")

@@ -22,7 +22,7 @@ from .data.corpus import load_corpus
 from .model import create_backbone, load_backbone
 from .pretrain import METHODS, PretrainSettings, pretrain
 from .results import RunOutputs, stage_entry
-from .strategy import StageWise
+from .strategy import StageFailed, StageWise
 
 app = ServerApp()
 
@@ -93,7 +93,8 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "MedUniverse run: outputs in %s", outputs.dir.resolve())
 
     strategy = StageWise(config.clients_per_stage, config.aggregation, config.server_mix, config.seed,
-                         config.held_out, config.stage_timeout, config.transport_dtype)
+                         config.held_out, config.stage_timeout, config.transport_dtype, config.oversample,
+                         config.min_replies)
     strategy.summary()
     if not strategy.query_cards(grid):
         raise RuntimeError("no node answered the task-card query; nothing to train")
@@ -122,7 +123,12 @@ def main(grid: Grid, context: Context) -> None:
     for stage in range(outputs.stages[-1]["stage"] + 1, config.num_stages + 1):
         started = time.monotonic()
         log(INFO, "[STAGE %d/%d]", stage, config.num_stages)
-        new_base, _ = strategy.run_train_stage(grid, stage, arrays, train_config)
+        try:
+            new_base, _ = strategy.run_train_stage(grid, stage, arrays, train_config)
+        except StageFailed as err:
+            log(ERROR, "%s; results up to stage %d are kept in %s (resume-from continues there)",
+                err, stage - 1, outputs.dir)
+            raise
         if new_base is not None:
             arrays = new_base
         finish_stage(stage, started)

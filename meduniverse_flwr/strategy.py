@@ -36,6 +36,10 @@ from .seeds import derive_seed
 PULL_INTERVAL = 0.05  # seconds between pulls while waiting for replies
 
 
+class StageFailed(RuntimeError):
+    """A stage ended (K replies never came before the timeout) with too few valid replies."""
+
+
 @dataclass
 class StageLog:
     """What happened in one stage, for results.json."""
@@ -60,6 +64,8 @@ class StageWise(Strategy):
         held_out: Iterable[str] = (),
         timeout: float = 3600.0,
         transport_dtype: str = "fp32",
+        oversample: float = 1.0,
+        min_replies: int = 1,
     ) -> None:
         self.clients_per_stage = clients_per_stage
         self.aggregation = aggregation
@@ -68,16 +74,20 @@ class StageWise(Strategy):
         self.held_out = frozenset(held_out)
         self.timeout = timeout
         self.transport_dtype = transport_dtype
+        self.oversample = oversample
+        self.min_replies = min_replies
         self.cards: dict[int, TaskCard] = {}
         self.log = StageLog()
         self._base: dict[str, np.ndarray] = {}
         self._running = RunningAggregate(aggregation)
+        self._replied: set[int] = set()
         self._train_nodes: dict[int, TaskCard] = {}
         self._loss_sum = 0.0
 
     def summary(self) -> None:
-        log(INFO, "\t├──> StageWise: K=%d valid replies end a stage, aggregation=%s, server-mix=%.2f",
-            self.clients_per_stage, self.aggregation, self.server_mix)
+        log(INFO, "\t├──> StageWise: K=%d valid replies end a stage (of ceil(%.2f K) asked, at least %d "
+            "before the timeout), aggregation=%s, server-mix=%.2f", self.clients_per_stage, self.oversample,
+            self.min_replies, self.aggregation, self.server_mix)
         log(INFO, "\t└──> held-out tasks (evaluated only): %s", sorted(self.held_out) or "none")
 
     # ------------------------------------------------------------------ query
@@ -118,7 +128,10 @@ class StageWise(Strategy):
         if self.clients_per_stage > len(candidates):
             log(WARNING, "clients-per-stage=%d but only %d trainable nodes: the stage ends after %d replies",
                 self.clients_per_stage, len(candidates), len(candidates))
-        sampled = candidates  # all trainable nodes are asked; the first K valid replies count
+        # ask M = ceil(oversample * K) nodes so that slow or dead ones do not hold the stage up
+        m = min(len(candidates), math.ceil(self.oversample * self.clients_per_stage))
+        rng = np.random.default_rng(derive_seed(self.seed, server_round, "sample"))
+        sampled = sorted(rng.choice(candidates, size=m, replace=False).tolist()) if m < len(candidates) else candidates
         self._train_nodes = {node: self.cards[node] for node in sampled}
         # serialise the base once; every message shares its arrays and adds its own head
         base = dict(pack(self._base, self.transport_dtype))
@@ -140,6 +153,7 @@ class StageWise(Strategy):
     def accept_train_reply(self, reply: Message) -> bool:
         """Validate one reply and fold it into the running aggregate; log why if rejected."""
         node = reply.metadata.src_node_id
+        self._replied.add(node)
         arrays, reason = self._decode_train_reply(reply)
         if reason is not None:
             self.log.rejected.append(f"node {node}: {reason}")
@@ -153,11 +167,11 @@ class StageWise(Strategy):
         return True
 
     def finish_stage(self, server_round: int) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """The next base from the replies folded so far (None if there were none)."""
+        """The next base from the replies folded so far; StageFailed below ``min_replies``."""
         count = self._running.count
-        if count == 0:
-            log(WARNING, "stage %d: no valid reply; the base stays as it was", server_round)
-            return None, None
+        if count < self.min_replies:
+            raise StageFailed(f"stage {server_round}: {count} valid replies, fewer than min-replies="
+                              f"{self.min_replies}; rejected: {self.log.rejected or 'none'}")
         if count < min(self.clients_per_stage, len(self._train_nodes)):
             log(WARNING, "stage %d ends with %d of %d replies", server_round, count, self.clients_per_stage)
         new_base = mix(self._base, self._running.result(), self.server_mix)
@@ -192,11 +206,14 @@ class StageWise(Strategy):
                 del reply  # never hold more than one reply's arrays
             if not replies:
                 time.sleep(PULL_INTERVAL)
-        if pending and self._running.count < target:
-            log(WARNING, "stage %d: timed out after %.0fs waiting for %d replies",
-                server_round, self.timeout, len(pending))
-        elif pending:
-            log(INFO, "stage %d: %d late replies will be dropped", server_round, len(pending))
+        if pending:
+            missing = sorted(node for node in self._train_nodes if node not in self._replied)
+            described = ", ".join(f"{node} ({self._train_nodes[node].name})" for node in missing)
+            if self._running.count < target:
+                log(WARNING, "stage %d: timed out after %.0fs; no reply from nodes %s",
+                    server_round, self.timeout, described)
+            else:
+                log(INFO, "stage %d: K=%d replies in; late replies from %s are dropped", server_round, target, described)
         return self.finish_stage(server_round)
 
     # --------------------------------------------------------------- evaluate
@@ -251,6 +268,7 @@ class StageWise(Strategy):
         return finished
 
     def _start_stage(self, arrays: ArrayRecord) -> None:
+        self._replied = set()
         self._base = to_numpy(arrays)
         self._running = RunningAggregate(self.aggregation)
         self._loss_sum = 0.0

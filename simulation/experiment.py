@@ -46,6 +46,8 @@ class StrategyConfig:
     weight_decay: float = MISSING
     stage_timeout: float = MISSING
     transport_dtype: str = MISSING
+    oversample: float = MISSING
+    min_replies: int = MISSING
 
 
 @dataclass
@@ -81,7 +83,7 @@ def register() -> None:
 
 STRATEGY_KEYS = ("num_stages", "clients_per_stage", "local_epochs", "aggregation", "server_mix", "eval_mode",
                  "eval_epochs", "probe_epochs", "batch_size", "lr", "weight_decay", "stage_timeout",
-                 "transport_dtype")
+                 "transport_dtype", "oversample", "min_replies")
 
 
 def to_run_config(cfg, output_dir: str) -> dict:

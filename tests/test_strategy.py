@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 from uuid import uuid4
 
 import numpy as np
@@ -15,7 +16,7 @@ from meduniverse_flwr.data import TaskCard
 from meduniverse_flwr.model import create_backbone
 from meduniverse_flwr.results import stage_entry
 from meduniverse_flwr.messages import pack, to_numpy
-from meduniverse_flwr.strategy import StageWise
+from meduniverse_flwr.strategy import StageFailed, StageWise
 
 
 def run_federation(config: dict, num_nodes: int, tamper=None) -> tuple[dict, InProcessGrid]:
@@ -95,10 +96,11 @@ def test_a_bad_node_is_rejected_and_the_stage_completes(run_config, caplog):
 class _Stage:
     """A StageWise strategy mid-stage, with train messages to two fake nodes."""
 
-    def __init__(self, held_out=(), transport_dtype="fp32"):
+    def __init__(self, held_out=(), transport_dtype="fp32", **strategy_options):
         act_as_server()
         self.base = create_backbone("vit-micro", 28).state_dict()
-        self.strategy = StageWise(clients_per_stage=2, held_out=held_out, transport_dtype=transport_dtype)
+        self.strategy = StageWise(held_out=held_out, transport_dtype=transport_dtype,
+                                  **{"clients_per_stage": 2, **strategy_options})
         self.strategy.cards = {1: TaskCard("a", "CT", 2, "binary", 10), 2: TaskCard("b", "MR", 3, "multiclass", 30)}
         self.messages = {}
         for message in self.strategy.configure_train(1, ArrayRecord(self.base), ConfigRecord(), grid=None):
@@ -193,35 +195,38 @@ def test_bf16_transport_halves_the_bytes_both_ways():
     assert to_numpy(new_base)["cls_token"].dtype == np.float32  # the server's base stays full precision
 
 
+class ReplyingGrid:
+    """Answers each train message with a fixed backbone, one reply per pull; ``silent`` nodes never answer."""
+
+    def __init__(self, stage, updates=None, silent=()):
+        self.stage, self.pending, self.updates, self.silent = stage, {}, updates, set(silent)
+
+    def push_messages(self, messages):
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())
+            self.pending[message.metadata.message_id] = message
+        return list(self.pending)
+
+    def pull_messages(self, ids):
+        for message_id in list(ids):
+            message = self.pending.get(message_id)
+            if message is not None and message.metadata.dst_node_id not in self.silent:
+                del self.pending[message_id]
+                node = message.metadata.dst_node_id
+                arrays = None if self.updates is None else self.updates[node]
+                return [self.stage.reply(node, arrays, {"num-examples": [10, 30][node - 1]}, to=message)]
+        return []
+
+
 def test_streaming_stage_equals_batch_aggregation_exactly():
     """run_train_stage (pull and fold one by one) == aggregate_train over the same replies."""
     rng = np.random.default_rng(0)
 
-    class ReplyingGrid:
-        """Answers each train message with a fixed random backbone, one reply per pull."""
-
-        def __init__(self, stage):
-            self.stage, self.pending = stage, {}
-
-        def push_messages(self, messages):
-            for message in messages:
-                message.metadata.__dict__["_message_id"] = str(uuid4())
-                self.pending[message.metadata.message_id] = message
-            return list(self.pending)
-
-        def pull_messages(self, ids):
-            for message_id in list(ids):
-                if message_id in self.pending:
-                    message = self.pending.pop(message_id)
-                    node = message.metadata.dst_node_id
-                    return [self.stage.reply(node, updates[node], {"num-examples": [10, 30][node - 1]}, to=message)]
-            return []
-
     streaming, batch = _Stage(), _Stage()
     updates = {node: {k: rng.normal(size=v.shape).astype(np.float32) for k, v in streaming.base.items()}
                for node in (1, 2)}
-    streamed, _ = streaming.strategy.run_train_stage(ReplyingGrid(streaming), 1, ArrayRecord(streaming.base),
-                                                     ConfigRecord())
+    streamed, _ = streaming.strategy.run_train_stage(ReplyingGrid(streaming, updates), 1,
+                                                     ArrayRecord(streaming.base), ConfigRecord())
     batched, _ = batch.strategy.aggregate_train(1, [batch.reply(n, updates[n], {"num-examples": [10, 30][n - 1]})
                                                    for n in (1, 2)])
     for name in streaming.base:
@@ -270,3 +275,29 @@ def test_resume_refuses_other_settings(run_config, tmp_path):
     with pytest.raises(ValueError, match=r"results.json was made with other settings: seed 0 -> 1") as err:
         run_federation({**first, "seed": 1, "num-stages": 2, "resume-from": run_dir}, num_nodes=2)
     assert "\n" not in str(err.value)
+
+
+def test_a_silent_node_ends_the_stage_by_timeout_and_is_named(caplog):
+    stage = _Stage(timeout=0.3)
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        new_base, metrics = stage.strategy.run_train_stage(ReplyingGrid(stage, silent={2}), 1,
+                                                           ArrayRecord(stage.base), ConfigRecord())
+    assert metrics["replies"] == 1 and new_base is not None
+    assert "timed out after 0s; no reply from nodes 2 (b)" in caplog.text
+
+
+def test_too_few_replies_fail_the_stage_with_a_reason():
+    stage = _Stage(timeout=0.2, min_replies=2)
+    with pytest.raises(StageFailed, match="stage 1: 1 valid replies, fewer than min-replies=2"):
+        stage.strategy.run_train_stage(ReplyingGrid(stage, silent={2}), 1, ArrayRecord(stage.base), ConfigRecord())
+
+
+def test_k_replies_end_the_stage_and_oversampling_asks_more_nodes(caplog):
+    stage = _Stage(clients_per_stage=1, oversample=2.0)
+    assert set(stage.messages) == {1, 2}  # ceil(2.0 x 1) = 2 nodes asked
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        _, metrics = stage.strategy.run_train_stage(ReplyingGrid(stage), 1, ArrayRecord(stage.base), ConfigRecord())
+    assert metrics["replies"] == 1
+    assert re.search(r"K=1 replies in; late replies from (1 \(a\)|2 \(b\)) are dropped", caplog.text)
+    sampled = _Stage(clients_per_stage=1)  # oversample 1: one of the two nodes, seeded
+    assert len(sampled.messages) == 1 and set(sampled.messages) == set(_Stage(clients_per_stage=1).messages)
