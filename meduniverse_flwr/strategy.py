@@ -162,7 +162,8 @@ class StageWise(Strategy):
         self.log.bytes_up += reply.content.array_records["arrays"].count_bytes()
         metrics = reply.content.metric_records["metrics"]
         self._running.add(arrays, float(metrics["num-examples"]))
-        self._loss_sum += float(metrics.get("train-loss", math.nan))
+        loss = metrics.get("train-loss")  # optional; a malformed one is not worth rejecting the update
+        self._loss_sum += float(loss) if isinstance(loss, (int, float)) else math.nan
         self.log.participants.append(self._train_nodes[node].name)
         return True
 

@@ -126,6 +126,7 @@ class _Stage:
         (lambda a, m: m.update({"num-examples": 0}), "num-examples is 0"),
         (lambda a, m: m.update({"num-examples": -5.0}), "num-examples is -5.0"),
         (lambda a, m: m.pop("num-examples"), "num-examples is None"),
+        (lambda a, m: m.update({"num-examples": [1, 2]}), "num-examples is [1, 2]"),
     ],
 )
 def test_faulty_replies_leave_the_aggregate_untouched(fault, reason):
@@ -135,7 +136,7 @@ def test_faulty_replies_leave_the_aggregate_untouched(fault, reason):
     assert not stage.strategy.accept_train_reply(stage.reply(1, arrays, metrics))
     assert reason in stage.strategy.log.rejected[0]
     assert stage.strategy._running.count == 0
-    assert stage.strategy.accept_train_reply(stage.reply(2))
+    assert stage.strategy.accept_train_reply(stage.reply(2, metrics={"num-examples": 10, "train-loss": [0.1]}))
     new_base, metrics_out = stage.strategy.finish_stage(1)
     assert metrics_out["replies"] == 1
     np.testing.assert_array_equal(to_numpy(new_base)["cls_token"], stage.base["cls_token"].numpy())
