@@ -84,7 +84,8 @@ def test_a_bad_node_is_rejected_and_the_stage_completes(run_config, caplog):
             arrays["cls_token"] = Array(np.full(arrays["cls_token"].shape, np.nan, np.float32))
         return reply
 
-    config = run_config(datasets="ct-tissue,histology-stain,brain-tissue", clients_per_stage=2)
+    # all 3 nodes asked (ceil(1.5 x K)), K = 2 valid replies end the stage
+    config = run_config(datasets="ct-tissue,histology-stain,brain-tissue", clients_per_stage=2, oversample=1.5)
     with caplog.at_level(logging.WARNING, logger="flwr"):
         results, _ = run_federation(config, num_nodes=3, tamper={1002: poison})
     stage1 = results["stages"][1]
