@@ -1,12 +1,14 @@
 """``StageWise``: MedUniverse's stage-wise aggregation of heterogeneous-head ViTs.
 
-One stage: every node answers a *query* with its task card (once per run); each
-sampled trainable node gets a *train* message with the current base backbone
-plus a fresh, seeded linear head sized to its card; replies carry the
-fine-tuned backbone only. Each valid reply is folded into a running aggregate
-as it arrives; after ``clients_per_stage`` valid replies the stage ends (late
-replies are dropped) and the next base is
-``(1 - server_mix) * base + server_mix * aggregate``. Heads never enter it.
+One stage: every node answers a *query* with its task card (once per run);
+``ceil(oversample * clients_per_stage)`` trainable nodes (seeded sample) get a
+*train* message with the current base backbone plus a fresh, seeded linear head
+sized to their card; replies carry the fine-tuned backbone only. Each valid
+reply is folded into a running aggregate as it arrives; after
+``clients_per_stage`` valid replies the stage ends (late replies are dropped
+and logged), or at the stage timeout with at least ``min_replies``, and the
+next base is ``(1 - server_mix) * base + server_mix * aggregate``. Heads never
+enter it.
 
 The class implements all of Flower's ``Strategy`` methods, so Flower's own
 ``start()`` drives it too; ``run_train_stage`` is the streaming form the
