@@ -17,7 +17,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from .config import ConfigError, RunConfig
-from .data import DEFAULT_ROOT, options_from
+from .data import cache_root, options_from
 from .data.corpus import load_corpus
 from .model import create_backbone, load_backbone
 from .pretrain import METHODS, PretrainSettings, pretrain
@@ -30,10 +30,9 @@ app = ServerApp()
 def initial_base(config: RunConfig) -> dict[str, torch.Tensor]:
     """The stage-0 base: MIM-pretrained on the server (``mae`` / ``simmim``), loaded from a
     checkpoint (a path), or a seeded random initialisation (``none``)."""
-    torch.manual_seed(config.seed)
-    backbone = create_backbone(config.model, config.image_size)
     if config.pretrain == "none":
-        return backbone.state_dict()
+        torch.manual_seed(config.seed)
+        return create_backbone(config.model, config.image_size).state_dict()
     if config.pretrain in METHODS:
         # held-out domains stay unseen, test splits are never used
         corpus = load_corpus(config.training_datasets, options_from(config))
@@ -44,16 +43,21 @@ def initial_base(config: RunConfig) -> dict[str, torch.Tensor]:
                         pretrain_cache_dir(config, settings, len(corpus)), config.device).encoder_path
     else:
         path = Path(config.pretrain).expanduser()
-    load_backbone(path, backbone)
     log(INFO, "stage-0 base loaded from %s", path)
+    return base_from_checkpoint(config, path)
+
+
+def base_from_checkpoint(config: RunConfig, path: Path) -> dict[str, torch.Tensor]:
+    """A backbone checkpoint, checked strictly against the run's model (one-line error if it does not fit)."""
+    backbone = create_backbone(config.model, config.image_size)
+    load_backbone(path, backbone)
     return backbone.state_dict()
 
 
 def pretrain_cache_dir(config: RunConfig, settings: PretrainSettings, n_images: int) -> Path:
     """Pretraining is deterministic in its settings: runs with the same ones share (and resume) it."""
     key = f"{config.model}-{config.image_size}-{config.training_datasets}-{n_images}-{settings}"
-    root = Path(config.data_root) if config.data_root else DEFAULT_ROOT
-    return root / "pretrain" / f"{settings.method}-{config.model}-{zlib.crc32(key.encode()):08x}"
+    return cache_root(config.data_root) / "pretrain" / f"{settings.method}-{config.model}-{zlib.crc32(key.encode()):08x}"
 
 
 def format_table(stages: list[dict]) -> str:
@@ -76,10 +80,8 @@ def open_outputs(config: RunConfig, run_id: int) -> tuple[RunOutputs, dict[str, 
         return RunOutputs.create(Path(config.output_dir), run_name, config.to_run_config()), base
     outputs = RunOutputs.resume(Path(config.resume_from), config.to_run_config())
     last = outputs.stages[-1]["stage"]
-    backbone = create_backbone(config.model, config.image_size)
-    load_backbone(outputs.checkpoint_path(last), backbone)
     log(INFO, "resuming %s after stage %d", outputs.dir, last)
-    return outputs, backbone.state_dict()
+    return outputs, base_from_checkpoint(config, outputs.checkpoint_path(last))
 
 
 @app.main()
@@ -124,13 +126,11 @@ def main(grid: Grid, context: Context) -> None:
         started = time.monotonic()
         log(INFO, "[STAGE %d/%d]", stage, config.num_stages)
         try:
-            new_base, _ = strategy.run_train_stage(grid, stage, arrays, train_config)
+            arrays, _ = strategy.run_train_stage(grid, stage, arrays, train_config)
         except StageFailed as err:
             log(ERROR, "%s; results up to stage %d are kept in %s (resume-from continues there)",
                 err, stage - 1, outputs.dir)
             raise
-        if new_base is not None:
-            arrays = new_base
         finish_stage(stage, started)
 
     plot = outputs.plot()

@@ -169,7 +169,7 @@ class StageWise(Strategy):
         self.log.participants.append(self._train_nodes[node].name)
         return True
 
-    def finish_stage(self, server_round: int) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def finish_stage(self, server_round: int) -> tuple[ArrayRecord, MetricRecord]:
         """The next base from the replies folded so far; StageFailed below ``min_replies``."""
         count = self._running.count
         if count < self.min_replies:
@@ -195,7 +195,7 @@ class StageWise(Strategy):
 
     def run_train_stage(
         self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    ) -> tuple[ArrayRecord, MetricRecord]:
         """Streaming stage: push, then fold replies one by one as they arrive; stop at K."""
         pending = set(grid.push_messages(self.configure_train(server_round, arrays, config, grid)))
         target = min(self.clients_per_stage, len(self._train_nodes))

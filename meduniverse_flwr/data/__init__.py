@@ -112,6 +112,11 @@ class DataOptions:
     skip_unreadable: bool = False
 
 
+def cache_root(data_root: str) -> Path:
+    """Where the embedded data and pretrained bases are cached: ``data-root`` or the default."""
+    return Path(data_root).expanduser() if data_root else DEFAULT_ROOT
+
+
 def options_from(config) -> DataOptions:
     """The data options of a ``RunConfig``."""
     return DataOptions(config.data, config.data_root, config.image_size, config.seed, config.partition,
@@ -139,18 +144,19 @@ def dataset_name(entry: str, default_source: str) -> str:
 def load_dataset(entry: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
     """A dataset entry's card (n-train of the whole dataset) and splits, from whichever source."""
     source, spec = parse_entry(entry, options.source)
-    root = Path(options.root).expanduser() if options.root else None
     if source == "embedded":
         if spec not in EMBEDDED_TASKS:
             raise DataError(f"dataset '{spec}': not in the embedded universe {sorted(EMBEDDED_TASKS)}")
         info = EMBEDDED_TASKS[spec]
-        splits = load_embedded(spec, root or DEFAULT_ROOT)
+        splits = load_embedded(spec, cache_root(options.root))
         card = TaskCard(spec, info.modality, len(info.classes), info.label_kind, len(splits["train"]))
     elif source == "medmnist":
         flag, info, splits = load_medmnist(spec, options.root, options.image_size, options.download)
         card = TaskCard(flag, info.modality, info.n_classes, info.label_kind, len(splits["train"]))
     else:
-        path = Path(spec).expanduser() if Path(spec).expanduser().is_absolute() or root is None else root / spec
+        path = Path(spec).expanduser()
+        if not path.is_absolute() and options.root:
+            path = Path(options.root).expanduser() / spec
         loader = load_folder if source == "folder" else load_dicom_folder
         classes, label_kind, splits = loader(path, options.image_size, options.skip_unreadable)
         modality = "images (site folder)" if source == "folder" else "DICOM"
