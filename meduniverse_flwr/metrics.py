@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import stats
 
 LABEL_KINDS = ("binary", "multiclass", "multilabel")
 
@@ -21,13 +20,21 @@ def accuracy(labels: np.ndarray, scores: np.ndarray, label_kind: str) -> float:
     return float((scores.argmax(axis=1) == labels).mean())
 
 
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their mean rank (scipy's ``rankdata``; kept in NumPy so that a
+    node's evaluation process does not import SciPy)."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)
+    return (last - (counts - 1) / 2)[inverse.reshape(-1)]
+
+
 def binary_auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """ROC AUC by the rank-sum (Mann-Whitney) identity; ties count one half. NaN if one class is absent."""
     positive = labels.astype(bool)
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = stats.rankdata(scores)
+    ranks = average_ranks(scores)
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
@@ -55,4 +62,6 @@ def paired_p_value(after: Sequence[float], before: Sequence[float]) -> float | N
     diffs = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
     if np.allclose(diffs, diffs[0]):
         return None
+    from scipy import stats  # the server needs it once per stage; nodes never do
+
     return float(stats.ttest_rel(after, before).pvalue)

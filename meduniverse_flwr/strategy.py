@@ -35,7 +35,10 @@ from .messages import pack, to_numpy, to_record, unpack
 from .model import new_head_state
 from .seeds import derive_seed
 
-PULL_INTERVAL = 0.05  # seconds between pulls while waiting for replies
+# Seconds between pulls while waiting for replies: short right after a reply (the in-memory
+# simulation grid answers at once), backing off to PULL_MAX so that a deployed SuperLink is
+# not kept busy by polling during minutes of local training.
+PULL_MIN, PULL_MAX = 0.05, 1.0
 
 
 class StageFailed(RuntimeError):
@@ -200,6 +203,7 @@ class StageWise(Strategy):
         pending = set(grid.push_messages(self.configure_train(server_round, arrays, config, grid)))
         target = min(self.clients_per_stage, len(self._train_nodes))
         deadline = time.monotonic() + self.timeout
+        interval = PULL_MIN
         while pending and self._running.count < target and time.monotonic() < deadline:
             replies = list(grid.pull_messages(pending))
             for reply in replies:
@@ -207,8 +211,9 @@ class StageWise(Strategy):
                 if self._running.count < target:
                     self.accept_train_reply(reply)
                 del reply  # never hold more than one reply's arrays
+            interval = PULL_MIN if replies else min(2 * interval, PULL_MAX)
             if not replies:
-                time.sleep(PULL_INTERVAL)
+                time.sleep(interval)
         if pending:
             missing = sorted(node for node in self._train_nodes if node not in self._replied)
             described = ", ".join(f"{node} ({self._train_nodes[node].name})" for node in missing)
@@ -243,8 +248,10 @@ class StageWise(Strategy):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Per-task metrics (example-weighted over nodes sharing a task) into ``self.log.per_task``."""
         sums: dict[str, dict[str, float]] = {}
+        replied = set()
         for reply in replies:
             node = reply.metadata.src_node_id
+            replied.add(node)
             reason = _evaluate_reply_problem(reply, self.cards.get(node))
             if reason is not None:
                 log(WARNING, "evaluation reply from node %d rejected: %s", node, reason)
@@ -255,6 +262,10 @@ class StageWise(Strategy):
             task["accuracy"] += float(metrics["accuracy"]) * n_test
             task["auc"] += float(metrics["auc"]) * n_test
             task["n_test"] += n_test
+        missing = sorted(set(self.cards) - replied)
+        if missing:  # a dead or hung node: the stage goes on without its task's score
+            log(WARNING, "stage %d evaluation: no reply before the timeout from nodes %s", server_round,
+                ", ".join(f"{node} ({self.cards[node].name})" for node in missing))
         self.log.per_task = {
             name: {"accuracy": s["accuracy"] / s["n_test"], "auc": s["auc"] / s["n_test"],
                    "n_test": int(s["n_test"]), "held_out": name in self.held_out}

@@ -9,9 +9,7 @@ process group, stopped when it ends, failed or not.
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +19,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from deploy.launch import flower_env, stop
+
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,17 +29,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def stop_process_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the group we started (SuperLink + its simulation children), then SIGKILL."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @dataclass(frozen=True)
@@ -54,15 +43,8 @@ def local_superlink(flwr_home: Path, cwd: Path):
     """A simulation SuperLink on free loopback ports, run from ``cwd`` (relative output paths
     resolve there); yields its ``env`` for ``flwr`` commands and its PID."""
     http_port, control_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "FLWR_HOME": str(flwr_home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
-    }
+    env = {**flower_env(flwr_home), "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+           "FLWR_LOCAL_CONTROL_API_PORT": str(control_port)}
     flwr_home.mkdir(parents=True, exist_ok=True)
     log_file = flwr_home / "superlink.log"
     command = [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
@@ -82,23 +64,42 @@ def local_superlink(flwr_home: Path, cwd: Path):
                 time.sleep(0.3)
         yield SuperLink(env=env, pid=proc.pid, log_file=log_file)
     finally:
-        stop_process_group(proc)
+        stop(proc.pid)
+        proc.wait()
 
 
-def flwr_run(env: dict, run_config: str, federation_config: str, timeout: float = 3600) -> tuple[str, str]:
-    """``flwr run <repo> --stream``; returns (run id, output). The caller checks the status,
+def start_flwr_run(env: dict, run_config: str, log_file: Path, federation_config: str | None = None,
+                   connection: str | None = None) -> subprocess.Popen:
+    """``flwr run <repo> [connection] --stream`` in the background, its output to ``log_file``."""
+    command = [str(BIN / "flwr"), "run", str(REPO), *([connection] if connection else []), "--stream",
+               "--run-config", run_config, *(["--federation-config", federation_config] if federation_config else [])]
+    with open(log_file, "w") as log:
+        return subprocess.Popen(command, env={**env, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"},
+                                stdout=log, stderr=subprocess.STDOUT)
+
+
+def finish_flwr_run(proc: subprocess.Popen, log_file: Path, timeout: float = 3600) -> tuple[str, str]:
+    """Wait for a started ``flwr run``; returns (run id, output). The caller checks the status,
     since ``--stream`` exits 0 for a failed run."""
-    result = subprocess.run(
-        [str(BIN / "flwr"), "run", str(REPO), "--stream", "--run-config", run_config,
-         "--federation-config", federation_config],
-        env={**env, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}, capture_output=True, text=True,
-        timeout=timeout,
-    )
-    output = result.stdout + result.stderr
+    try:
+        proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = log_file.read_text()
     match = re.search(r"Successfully started run (\d+)", output)
-    if result.returncode != 0 or match is None:
-        raise RuntimeError(f"flwr run failed (exit {result.returncode}):\n{output[-3000:]}")
+    if proc.returncode != 0 or match is None:
+        raise RuntimeError(f"flwr run failed (exit {proc.returncode}):\n{output[-3000:]}")
     return match.group(1), output
+
+
+def flwr_run(env: dict, run_config: str, federation_config: str | None = None, connection: str | None = None,
+             timeout: float = 3600) -> tuple[str, str]:
+    """``flwr run <repo> --stream`` to its end; returns (run id, output)."""
+    log_file = Path(env["FLWR_HOME"]) / "flwr-run.log"
+    return finish_flwr_run(start_flwr_run(env, run_config, log_file, federation_config, connection), log_file,
+                           timeout)
 
 
 def run_status(env: dict, run_id: str) -> str:

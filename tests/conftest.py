@@ -2,10 +2,13 @@ import sys
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the simulation/ entry point is not part of the installed package
+
+from meduniverse_flwr.data.medmnist import FLAGS, medmnist_path  # noqa: E402
 
 
 def default_run_config() -> dict:
@@ -31,3 +34,22 @@ def run_config(data_root, tmp_path):
         return config
 
     return make
+
+
+RGB_FLAGS = {"pathmnist", "dermamnist", "bloodmnist", "retinamnist"}
+
+
+def write_medmnist(root, flag, size=28, n=(12, 4, 6), seed=0):
+    """A tiny file in the official layout: N x S x S (x 3) uint8 images, N x L labels."""
+    info, rng = FLAGS[flag], np.random.default_rng(seed)
+    arrays = {}
+    for split, count in zip(("train", "val", "test"), n):
+        shape = (count, size, size, 3) if flag in RGB_FLAGS else (count, size, size)
+        arrays[f"{split}_images"] = rng.integers(0, 256, shape, dtype=np.uint8)
+        if info.label_kind == "multilabel":
+            arrays[f"{split}_labels"] = rng.integers(0, 2, (count, info.n_classes))
+        else:
+            arrays[f"{split}_labels"] = (np.arange(count) % info.n_classes)[:, None]
+    path = medmnist_path(root, flag, size)
+    np.savez_compressed(path, **arrays)
+    return path

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from meduniverse_flwr.metrics import accuracy, auc, binary_auc, paired_p_value
+from meduniverse_flwr.metrics import accuracy, auc, average_ranks, binary_auc, paired_p_value
 
 
 def test_binary_auc_hand_computed_with_a_tie():
@@ -45,3 +45,12 @@ def test_paired_p_value():
     assert 0 < p < 0.05
     assert paired_p_value([0.5], [0.4]) is None
     assert paired_p_value([0.5, 0.6], [0.4, 0.5]) is None  # constant difference: no variance
+
+
+def test_average_ranks_match_scipy_with_ties():
+    from scipy import stats
+
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 5, 40).astype(float)  # many ties
+    assert np.array_equal(average_ranks(values), stats.rankdata(values))
+    assert np.array_equal(average_ranks(np.array([0.3, 0.1, 0.2])), [3.0, 1.0, 2.0])

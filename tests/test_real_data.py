@@ -5,32 +5,14 @@ import csv
 import numpy as np
 import pydicom
 import pytest
+from conftest import RGB_FLAGS, write_medmnist
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from meduniverse_flwr.data import DataOptions, dataset_name, load_dataset, load_node_task
-from meduniverse_flwr.data.medmnist import FLAGS, medmnist_path
+from meduniverse_flwr.data.medmnist import FLAGS
 from meduniverse_flwr.data.npz import DataError
-
-RGB_FLAGS = {"pathmnist", "dermamnist", "bloodmnist", "retinamnist"}
-
-
-def write_medmnist(root, flag, size=28, n=(12, 4, 6), seed=0):
-    """A tiny file in the official layout: N x S x S (x 3) uint8 images, N x L labels."""
-    info, rng = FLAGS[flag], np.random.default_rng(seed)
-    arrays = {}
-    for split, count in zip(("train", "val", "test"), n):
-        shape = (count, size, size, 3) if flag in RGB_FLAGS else (count, size, size)
-        arrays[f"{split}_images"] = rng.integers(0, 256, shape, dtype=np.uint8)
-        if info.label_kind == "multilabel":
-            arrays[f"{split}_labels"] = rng.integers(0, 2, (count, info.n_classes))
-        else:
-            arrays[f"{split}_labels"] = (np.arange(count) % info.n_classes)[:, None]
-    path = medmnist_path(root, flag, size)
-    np.savez_compressed(path, **arrays)
-    return path
-
 
 @pytest.mark.parametrize("size", [28, 64])
 @pytest.mark.parametrize("flag", sorted(FLAGS))

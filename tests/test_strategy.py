@@ -184,6 +184,17 @@ def test_held_out_tasks_never_train_but_are_evaluated():
     assert entry["mean_accuracy"] == 0.5 and entry["mean_accuracy_held_out"] == 0.9
 
 
+def test_a_node_silent_at_evaluation_is_named_and_its_task_left_out(caplog):
+    stage = _Stage()
+    evaluate = list(stage.strategy.configure_evaluate(1, ArrayRecord(stage.base), ConfigRecord(), grid=None))
+    evaluate[0].metadata.__dict__["_message_id"] = str(uuid4())
+    metrics = MetricRecord({"accuracy": 0.5, "auc": 0.7, "n-test": 10, "loss": 1.0})
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        stage.strategy.aggregate_evaluate(1, [Message(RecordDict({"metrics": metrics}), reply_to=evaluate[0])])
+    assert list(stage.strategy.new_log().per_task) == ["a"]
+    assert "stage 1 evaluation: no reply before the timeout from nodes 2 (b)" in caplog.text
+
+
 def test_bf16_transport_halves_the_bytes_both_ways():
     fp32, bf16 = _Stage(), _Stage(transport_dtype="bf16")
     assert bf16.messages[1].content.array_records["arrays"]["cls_token"].dtype == "uint16"

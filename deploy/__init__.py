@@ -1,0 +1,1 @@
+"""Real deployments: certificates (make_certs) and the SuperLink / SuperNode launcher (launch)."""

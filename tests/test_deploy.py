@@ -1,0 +1,235 @@
+"""A real deployment on 127.0.0.1, started by the launcher users run (deploy/launch.py):
+one SuperLink with TLS, SuperNode authentication and a state database, three SuperNodes on
+different tasks, each reading only its own (tiny, made-here) MedMNIST-layout file, and
+``flwr run . meduniverse-local`` on top. Every process is stopped by PID, also on failure."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, write_medmnist
+from simulation.flower import finish_flwr_run, free_port, run_status, start_flwr_run
+
+from deploy.launch import (INSECURE_WARNING, descendants, flwr, running, LOCAL_CONNECTION, LaunchError, LocalDeployment, register, stop,
+                           supernode_command, supernodes)
+from deploy.make_certs import make_certs
+
+pytestmark = pytest.mark.deployment
+
+FLAGS = ["pneumoniamnist", "bloodmnist", "organamnist"]  # 2, 8 and 11 classes; gray and RGB
+RUN = "local-epochs=1 probe-epochs=2 pretrain='none' batch-size=32"
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deployment")
+    datasets = []
+    for index, flag in enumerate(FLAGS):
+        site = root / f"site-{index}"
+        site.mkdir()
+        datasets.append(f"medmnist:{write_medmnist(site, flag, n=(64, 24, 24), seed=index)}")
+    link = LocalDeployment(root / "link", datasets, data_root=str(root / "cache"), flwr_home=root / "flwr-home",
+                           port=free_port(), node_ports=[free_port() for _ in datasets])
+    link.start()
+    try:
+        yield link
+    finally:
+        started = [pid for proc in link.processes.values() for pid in (proc.pid, *descendants(proc.pid))]
+        link.stop()
+        survivors = [pid for pid in started if running(pid)]
+        assert not survivors, f"processes left running: {survivors}"
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def stages_in(run_dir: Path) -> list[int]:
+    try:
+        return [s["stage"] for s in json.loads((run_dir / "results.json").read_text())["stages"]]
+    except (OSError, ValueError):
+        return []  # not written yet
+
+
+def run(link: LocalDeployment, name: str, config: str, timeout: float = 600) -> tuple[str, dict, str]:
+    """A whole run on the deployment: (status, results, output)."""
+    log_file = link.dir / f"{name}.log"
+    run_id, output = finish_flwr_run(start_flwr_run(link.env, config, log_file, connection=LOCAL_CONNECTION),
+                                     log_file, timeout)
+    results_file = link.dir / "runs" / name / "latest" / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    return run_status(link.env, run_id), results, output
+
+
+def try_node(command: list[str], env: dict, log_file: Path) -> tuple[int | None, str]:
+    """Start a SuperNode that should be refused; (exit code, its output). Its whole process group
+    is stopped either way (a SuperNode's SuperExec child outlives it otherwise)."""
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(command + ["--max-retries", "1"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        stop(proc.pid)
+    return proc.wait(), log_file.read_text()
+
+
+def without_seconds(stages: list[dict]) -> list[dict]:
+    return [{k: v for k, v in s.items() if k != "seconds"} for s in stages]
+
+
+@pytest.fixture(scope="module")
+def straight(deployment):
+    """An uninterrupted 3-stage run: the integration check, and the reference for resume."""
+    nodes = supernodes(deployment.env, LOCAL_CONNECTION)
+    assert sorted(n["status"] for n in nodes) == ["online"] * 3
+    status, results, output = run(deployment, "straight", f"{RUN} clients-per-stage=3 num-stages=3 output-dir='runs/straight'")
+    assert status == "finished:completed", output[-3000:]
+    return results
+
+
+def test_stages_over_tls_with_authenticated_nodes(deployment, straight):
+    assert [s["stage"] for s in straight["stages"]] == [0, 1, 2, 3]
+    assert all(sorted(s["participants"]) == sorted(FLAGS) for s in straight["stages"][1:])
+    assert all(sorted(s["per_task"]) == sorted(FLAGS) for s in straight["stages"])
+    assert straight["stages"][1]["bytes_up"] > 0 and len(straight["summary"]["accuracy_gain"]) == 4
+    assert (deployment.dir / "runs" / "straight" / "latest" / "checkpoints" / "stage-3.safetensors").is_file()
+    # each site was given only its own file
+    for index, flag in enumerate(FLAGS):
+        named = [f for f in FLAGS if f"{f}.npz" in " ".join(deployment.processes[f"node-{index}"].args)]
+        assert named == [flag]
+
+
+def test_a_node_without_the_ca_certificate_cannot_connect(deployment, tmp_path):
+    make_certs(tmp_path, ["localhost"], nodes=1)  # a registered key, but no CA given to the node
+    register(deployment.env, LOCAL_CONNECTION, tmp_path / "node-0.pub")
+    command = supernode_command(deployment.address, "medmnist:pneumoniamnist", "", free_port(),
+                                tmp_path / "ca.crt", tmp_path / "node-0", insecure=False)
+    without_ca = command[:command.index("--root-certificates")] + command[command.index("--root-certificates") + 2:]
+    code, output = try_node(without_ca, deployment.env, tmp_path / "node.log")
+    assert code != 0 and "CERTIFICATE_VERIFY_FAILED" in output
+    assert sum(n["status"] == "online" for n in supernodes(deployment.env, LOCAL_CONNECTION)) == 3
+
+
+def test_an_unregistered_node_key_is_refused(deployment, tmp_path):
+    make_certs(tmp_path, ["localhost"], nodes=1)  # a key the SuperLink never saw
+    command = supernode_command(deployment.address, "medmnist:pneumoniamnist", "", free_port(),
+                                deployment.certs / "ca.crt", tmp_path / "node-0", insecure=False)
+    code, output = try_node(command, deployment.env, tmp_path / "node.log")
+    assert code != 0 and "Failed to activate SuperNode" in output
+    assert sum(n["status"] == "online" for n in supernodes(deployment.env, LOCAL_CONNECTION)) == 3
+
+
+@pytest.mark.parametrize("role", ["superlink", "supernode"])
+def test_insecure_mode_needs_the_explicit_flag(role, tmp_path):
+    args = {"superlink": ["--state", str(tmp_path)],
+            "supernode": ["--superlink", "127.0.0.1:1", "--dataset", "ct-tissue"]}[role]
+    refused = subprocess.run([sys.executable, "-m", "deploy.launch", role, *args], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (f"error: {role}: no certificates given; refusing to run without TLS "
+                                      "(make them with deploy/make_certs.py, or pass --insecure to accept the risk)")
+    # with the flag it starts, on loopback, and warns
+    started = subprocess.Popen([sys.executable, "-m", "deploy.launch", role, *args, "--insecure",
+                                *(["--host", "127.0.0.1"] if role == "superlink" else []), "--port", str(free_port())],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        time.sleep(5)
+    finally:
+        stop(started.pid)
+        _, err = started.communicate(timeout=30)
+    assert INSECURE_WARNING in err
+
+
+def test_a_stage_without_replies_ends_by_its_timeout(deployment):
+    """Every node hangs (SIGSTOP) once stage 0 is written: stage 1 ends at its timeout, the run
+    fails with the reason, and stage 0's results stay on disk."""
+    log_file = deployment.dir / "hung.log"
+    run_dir = deployment.dir / "runs" / "hung" / "latest"
+    proc = start_flwr_run(deployment.env, f"{RUN} clients-per-stage=3 num-stages=2 stage-timeout=20.0 output-dir='runs/hung'",
+                          log_file, connection=LOCAL_CONNECTION)
+    nodes = [deployment.processes[f"node-{i}"].pid for i in range(3)]
+    try:
+        wait_until(lambda: stages_in(run_dir) == [0], 300, "stage 0")
+        for pid in nodes:
+            os.killpg(pid, signal.SIGSTOP)
+        run_id, output = finish_flwr_run(proc, log_file, 300)
+    finally:
+        for pid in nodes:
+            os.killpg(pid, signal.SIGCONT)
+    assert run_status(deployment.env, run_id).startswith("finished:failed")
+    assert "stage 1: timed out after 20s; no reply from nodes" in output
+    assert "stage 1: 0 valid replies, fewer than min-replies=1" in output
+    assert stages_in(run_dir) == [0]
+
+
+def test_a_killed_server_app_resumes_to_the_same_results(deployment, straight):
+    config = f"{RUN} clients-per-stage=3 num-stages=3"
+    log_file = deployment.dir / "killed.log"
+    run_dir = deployment.dir / "runs" / "killed" / "latest"
+    proc = start_flwr_run(deployment.env, f"{config} output-dir='runs/killed'", log_file,
+                          connection=LOCAL_CONNECTION)
+    wait_until(lambda: stages_in(run_dir) == [0, 1], 600, "stage 1")
+    server_apps = [pid for pid in descendants(deployment.processes["superlink"].pid)
+                   if b"flwr-serverapp" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(server_apps) == 1
+    os.kill(server_apps[0], signal.SIGKILL)
+    # what an operator does next: stop the dead run (the SuperLink would notice by itself, later)
+    run_id = re.search(r"Successfully started run (\d+)", log_file.read_text()).group(1)
+    flwr(deployment.env, "stop", run_id, LOCAL_CONNECTION)
+    proc.wait(120)
+    assert run_status(deployment.env, run_id).startswith("finished:stopped")
+    assert stages_in(run_dir) == [0, 1]
+
+    resumed_dir = run_dir.resolve()
+    status, _, output = run(deployment, "resumed", f"{config} output-dir='runs/killed' resume-from='{resumed_dir}'")
+    assert status == "finished:completed", output[-3000:]
+    resumed = json.loads((resumed_dir / "results.json").read_text())
+    assert [s["stage"] for s in resumed["stages"]] == [0, 1, 2, 3]  # none lost, none twice
+    assert without_seconds(resumed["stages"]) == without_seconds(straight["stages"])
+    assert resumed["summary"] == straight["summary"]
+
+
+def test_launch_errors_are_one_line(tmp_path):
+    (tmp_path / "ca.crt").touch()
+    with pytest.raises(LaunchError, match=r"^supernode --key: \S+node-9 does not exist$"):
+        supernode_command("127.0.0.1:1", "ct-tissue", "", 1, tmp_path / "ca.crt", tmp_path / "node-9", False)
+
+
+def test_a_killed_node_does_not_stop_the_stage(deployment):
+    """K=2 of 3 asked: node 2 dies (its whole process group) after it got its train message.
+    Last in this module: Flower refuses a restarted SuperNode until it has marked the dead one
+    offline (about a minute without heartbeat)."""
+    victim = "node-2"
+    log = deployment.log(victim)
+    seen = log.read_text().count("Receiving: train message")
+    log_file = deployment.dir / "killed-node.log"
+    proc = start_flwr_run(deployment.env, f"{RUN} clients-per-stage=2 oversample=1.5 num-stages=1 "
+                          f"stage-timeout=20.0 output-dir='runs/killed-node'", log_file,
+                          connection=LOCAL_CONNECTION)
+    wait_until(lambda: log.read_text().count("Receiving: train message") > seen, 300, "the train message")
+    os.killpg(deployment.processes[victim].pid, signal.SIGKILL)
+    deployment.processes[victim].wait()
+    try:
+        run_id, output = finish_flwr_run(proc, log_file, 600)
+        assert run_status(deployment.env, run_id) == "finished:completed", output[-3000:]
+        results = json.loads((deployment.dir / "runs" / "killed-node" / "latest" / "results.json").read_text())
+        stage = results["stages"][1]
+        assert sorted(stage["participants"]) == sorted(FLAGS[:2])  # the stage ended on the two live nodes
+        assert sorted(stage["per_task"]) == sorted(FLAGS[:2])
+        assert "evaluation: no reply before the timeout from nodes" in output and f"({FLAGS[2]})" in output
+    finally:
+        if proc.poll() is None:
+            proc.kill()
