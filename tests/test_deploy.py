@@ -16,8 +16,8 @@ import pytest
 from conftest import ROOT, write_medmnist
 from simulation.flower import finish_flwr_run, free_port, run_status, start_flwr_run
 
-from deploy.launch import (INSECURE_WARNING, descendants, flwr, running, LOCAL_CONNECTION, LaunchError, LocalDeployment, register, stop,
-                           supernode_command, supernodes)
+from deploy.launch import (INSECURE_WARNING, LOCAL_CONNECTION, LaunchError, LocalDeployment, descendants, flwr,
+                           register, running, stop, supernode_command, supernodes)
 from deploy.make_certs import make_certs
 
 pytestmark = pytest.mark.deployment
@@ -94,12 +94,15 @@ def straight(deployment):
     """An uninterrupted 3-stage run: the integration check, and the reference for resume."""
     nodes = supernodes(deployment.env, LOCAL_CONNECTION)
     assert sorted(n["status"] for n in nodes) == ["online"] * 3
-    status, results, output = run(deployment, "straight", f"{RUN} clients-per-stage=3 num-stages=3 output-dir='runs/straight'")
+    status, results, output = run(deployment, "straight",
+                                  f"{RUN} clients-per-stage=3 num-stages=3 output-dir='runs/straight'")
     assert status == "finished:completed", output[-3000:]
     return results
 
 
 def test_stages_over_tls_with_authenticated_nodes(deployment, straight):
+    link_args = deployment.processes["superlink"].args
+    assert "--ssl-certfile" in link_args and "--enable-supernode-auth" in link_args and "--insecure" not in link_args
     assert [s["stage"] for s in straight["stages"]] == [0, 1, 2, 3]
     assert all(sorted(s["participants"]) == sorted(FLAGS) for s in straight["stages"][1:])
     assert all(sorted(s["per_task"]) == sorted(FLAGS) for s in straight["stages"])
@@ -158,8 +161,8 @@ def test_a_stage_without_replies_ends_by_its_timeout(deployment):
     fails with the reason, and stage 0's results stay on disk."""
     log_file = deployment.dir / "hung.log"
     run_dir = deployment.dir / "runs" / "hung" / "latest"
-    proc = start_flwr_run(deployment.env, f"{RUN} clients-per-stage=3 num-stages=2 stage-timeout=20.0 output-dir='runs/hung'",
-                          log_file, connection=LOCAL_CONNECTION)
+    proc = start_flwr_run(deployment.env, f"{RUN} clients-per-stage=3 num-stages=2 stage-timeout=20.0 "
+                          f"output-dir='runs/hung'", log_file, connection=LOCAL_CONNECTION)
     nodes = [deployment.processes[f"node-{i}"].pid for i in range(3)]
     try:
         wait_until(lambda: stages_in(run_dir) == [0], 300, "stage 0")
@@ -219,10 +222,10 @@ def test_a_killed_node_does_not_stop_the_stage(deployment):
     proc = start_flwr_run(deployment.env, f"{RUN} clients-per-stage=2 oversample=1.5 num-stages=1 "
                           f"stage-timeout=20.0 output-dir='runs/killed-node'", log_file,
                           connection=LOCAL_CONNECTION)
-    wait_until(lambda: log.read_text().count("Receiving: train message") > seen, 300, "the train message")
-    os.killpg(deployment.processes[victim].pid, signal.SIGKILL)
-    deployment.processes[victim].wait()
     try:
+        wait_until(lambda: log.read_text().count("Receiving: train message") > seen, 300, "the train message")
+        os.killpg(deployment.processes[victim].pid, signal.SIGKILL)
+        deployment.processes[victim].wait()
         run_id, output = finish_flwr_run(proc, log_file, 600)
         assert run_status(deployment.env, run_id) == "finished:completed", output[-3000:]
         results = json.loads((deployment.dir / "runs" / "killed-node" / "latest" / "results.json").read_text())
