@@ -45,7 +45,7 @@ INSECURE_WARNING = ("WARNING: --insecure: traffic is unencrypted and any node ca
 LOCAL_CONNECTION = "meduniverse-local"
 
 
-class LaunchError(Exception):
+class LaunchError(RuntimeError):
     """A launch that cannot go on; the message is one line naming what and where."""
 
 
@@ -111,7 +111,10 @@ def write_connection(flwr_home: Path, name: str, superlink: str, ca: Path | None
     """Add (or replace) the ``flwr`` connection ``name`` in ``$FLWR_HOME/config.toml``, so
     ``flwr run . <name>`` submits to this SuperLink. Other connections are kept."""
     path = flwr_home / "config.toml"
-    config = tomllib.loads(path.read_text()) if path.is_file() else {}
+    try:
+        config = tomllib.loads(path.read_text()) if path.is_file() else {}
+    except tomllib.TOMLDecodeError as err:
+        raise LaunchError(f"{path}: not valid TOML ({err}); fix or move it, it is left as it is") from None
     entry = {"address": superlink}
     if ca is None:
         entry["insecure"] = True
@@ -120,7 +123,9 @@ def write_connection(flwr_home: Path, name: str, superlink: str, ca: Path | None
     config.setdefault("superlink", {})[name] = entry
     config["superlink"].setdefault("default", name)
     flwr_home.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(config))
+    partial = path.with_suffix(".toml.partial")  # write then rename: a crash never truncates the user's file
+    partial.write_text(tomli_w.dumps(config))
+    partial.replace(path)
     return path
 
 
@@ -133,8 +138,8 @@ def flwr(env: dict, *args: str, timeout: float = 120) -> dict:
     except json.JSONDecodeError:
         answer = {"success": False, "error-message": result.stdout + result.stderr or "(no output)"}
     if result.returncode != 0 or not answer.get("success", True):
-        reason = str(answer.get("error-message", "")).strip().splitlines()[-1].strip()
-        raise LaunchError(f"flwr {' '.join(args)}: {reason}")
+        reason = (str(answer.get("error-message", "")).strip().splitlines() or [f"exit {result.returncode}"])[-1]
+        raise LaunchError(f"flwr {' '.join(args)}: {reason.strip()}")
     return answer
 
 
@@ -162,12 +167,17 @@ def start(command: list[str], log_file: Path, env: dict, cwd: Path) -> subproces
                                 start_new_session=True)
 
 
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat after the command name: state, parent PID, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below ``pid``, from /proc (Linux); empty elsewhere."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").glob("[0-9]*"):
         try:
-            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            parent = int(_stat(int(entry.name))[1])
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(parent, []).append(int(entry.name))
@@ -187,7 +197,7 @@ def running(pid: int) -> bool:
     except ChildProcessError:
         pass  # not our child
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return _stat(pid)[0] != "Z"
     except FileNotFoundError:
         return False
     except OSError:  # no /proc: ask the kernel
@@ -327,7 +337,10 @@ def stop_from_pid_file(directory: Path) -> list[str]:
     pid_file = directory / "pids.json"
     if not pid_file.is_file():
         raise LaunchError(f"stop: {pid_file} does not exist; nothing started there")
-    pids = json.loads(pid_file.read_text())
+    try:
+        pids = json.loads(pid_file.read_text())
+    except json.JSONDecodeError as err:
+        raise LaunchError(f"stop: {pid_file} is not valid JSON ({err})") from None
     for pid in reversed(pids.values()):
         if _is_flower(int(pid)):  # a PID reused since by something else is left alone
             stop(int(pid))

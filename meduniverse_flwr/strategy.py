@@ -215,8 +215,7 @@ class StageWise(Strategy):
             if not replies:
                 time.sleep(interval)
         if pending:
-            missing = sorted(node for node in self._train_nodes if node not in self._replied)
-            described = ", ".join(f"{node} ({self._train_nodes[node].name})" for node in missing)
+            described = self._describe(node for node in self._train_nodes if node not in self._replied)
             if self._running.count < target:
                 log(WARNING, "stage %d: timed out after %.0fs; no reply from nodes %s",
                     server_round, self.timeout, described)
@@ -262,10 +261,10 @@ class StageWise(Strategy):
             task["accuracy"] += float(metrics["accuracy"]) * n_test
             task["auc"] += float(metrics["auc"]) * n_test
             task["n_test"] += n_test
-        missing = sorted(set(self.cards) - replied)
-        if missing:  # a dead or hung node: the stage goes on without its task's score
+        silent = set(self.cards) - replied
+        if silent:  # a dead or hung node: the stage goes on without its task's score
             log(WARNING, "stage %d evaluation: no reply before the timeout from nodes %s", server_round,
-                ", ".join(f"{node} ({self.cards[node].name})" for node in missing))
+                self._describe(silent))
         self.log.per_task = {
             name: {"accuracy": s["accuracy"] / s["n_test"], "auc": s["auc"] / s["n_test"],
                    "n_test": int(s["n_test"]), "held_out": name in self.held_out}
@@ -280,6 +279,10 @@ class StageWise(Strategy):
         """Start recording a new stage; returns the finished log of the previous one."""
         finished, self.log = self.log, StageLog()
         return finished
+
+    def _describe(self, nodes: Iterable[int]) -> str:
+        """``id (task), ...`` for log lines that name nodes."""
+        return ", ".join(f"{node} ({self.cards[node].name})" for node in sorted(nodes))
 
     def _start_stage(self, arrays: ArrayRecord) -> None:
         self._replied = set()

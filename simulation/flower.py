@@ -8,18 +8,15 @@ process group, stopped when it ends, failed or not.
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.launch import flower_env, stop
+from deploy.launch import flower_env, flwr, start, stop, wait_for_superlink
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
@@ -50,18 +47,9 @@ def local_superlink(flwr_home: Path, cwd: Path):
     command = [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
                "--control-api-address", f"127.0.0.1:{control_port}", "--host", "127.0.0.1",
                "--port", str(http_port), "--database", str(flwr_home / "state.db"), "--log-file", str(log_file)]
-    proc = subprocess.Popen(command, cwd=cwd, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start(command, flwr_home / "superlink-console.log", env, cwd)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/health", timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"SuperLink did not start; see {log_file}") from None
-                time.sleep(0.3)
+        wait_for_superlink(f"127.0.0.1:{http_port}", None, proc, log_file)
         yield SuperLink(env=env, pid=proc.pid, log_file=log_file)
     finally:
         stop(proc.pid)
@@ -74,8 +62,7 @@ def start_flwr_run(env: dict, run_config: str, log_file: Path, federation_config
     command = [str(BIN / "flwr"), "run", str(REPO), *([connection] if connection else []), "--stream",
                "--run-config", run_config, *(["--federation-config", federation_config] if federation_config else [])]
     with open(log_file, "w") as log:
-        return subprocess.Popen(command, env={**env, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"},
-                                stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def finish_flwr_run(proc: subprocess.Popen, log_file: Path, timeout: float = 3600) -> tuple[str, str]:
@@ -104,6 +91,4 @@ def flwr_run(env: dict, run_config: str, federation_config: str | None = None, c
 
 def run_status(env: dict, run_id: str) -> str:
     """The run's status as ``flwr ls`` reports it, e.g. ``finished:completed``."""
-    result = subprocess.run([str(BIN / "flwr"), "ls", "--run-id", run_id, "--format", "json"],
-                            env=env, capture_output=True, text=True, timeout=60, check=True)
-    return json.loads(result.stdout)["runs"][0]["status"]
+    return flwr(env, "ls", "--run-id", run_id)["runs"][0]["status"]

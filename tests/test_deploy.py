@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, write_medmnist
 from simulation.flower import finish_flwr_run, free_port, run_status, start_flwr_run
 
-from deploy.launch import (INSECURE_WARNING, LOCAL_CONNECTION, LaunchError, LocalDeployment, descendants, flwr,
+from deploy.launch import (INSECURE_WARNING, LOCAL_CONNECTION, LocalDeployment, descendants, flwr,
                            register, running, stop, supernode_command, supernodes)
 from deploy.make_certs import make_certs
 
@@ -203,12 +203,6 @@ def test_a_killed_server_app_resumes_to_the_same_results(deployment, straight):
     assert [s["stage"] for s in resumed["stages"]] == [0, 1, 2, 3]  # none lost, none twice
     assert without_seconds(resumed["stages"]) == without_seconds(straight["stages"])
     assert resumed["summary"] == straight["summary"]
-
-
-def test_launch_errors_are_one_line(tmp_path):
-    (tmp_path / "ca.crt").touch()
-    with pytest.raises(LaunchError, match=r"^supernode --key: \S+node-9 does not exist$"):
-        supernode_command("127.0.0.1:1", "ct-tissue", "", 1, tmp_path / "ca.crt", tmp_path / "node-9", False)
 
 
 def test_a_killed_node_does_not_stop_the_stage(deployment):
