@@ -34,7 +34,7 @@ from simulation.flower import flwr_run, local_superlink, run_status
 def plain_loop(config: RunConfig) -> list[float]:
     """Stage-wise training and evaluation with no Flower; returns mean accuracy per stage."""
     device = torch.device("cpu")
-    tasks = [load_node_task(entry, 0, 1, options_from(config)) for entry in config.datasets]
+    tasks = [load_node_task(entry, 0, 1, options_from(vars(config), config.image_size)) for entry in config.datasets]
     torch.manual_seed(config.seed)
     base = {k: v.numpy() for k, v in create_backbone(config.model, config.image_size).state_dict().items()}
 
@@ -56,7 +56,8 @@ def plain_loop(config: RunConfig) -> list[float]:
             state = {**{k: torch.from_numpy(v.copy()) for k, v in base.items()}, **head}
             settings = TrainSettings(config.local_epochs, config.lr, config.weight_decay, config.batch_size,
                                      derive_seed(config.seed, stage, "train", task.card.name), device)
-            backbone, metrics = train_on_task(config.model, config.image_size, task, state, settings)
+            backbone, metrics = train_on_task(config.model, config.image_size, task, state, settings,
+                                              validate=config.node_metrics)
             running.add({k: v.numpy() for k, v in backbone.items()}, metrics["num-examples"])
         base = mix(base, running.result(), config.server_mix)
         means.append(evaluate())
@@ -69,16 +70,17 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=2)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="federation-overhead-"))
-    overrides = {"num-stages": args.stages, "local-epochs": args.local_epochs, "pretrain": "none",
-                 "data-root": str(work / "data"), "output-dir": str(work / "outputs")}
-    config = RunConfig.from_run_config(overrides)
-    plain_loop(RunConfig.from_run_config({**overrides, "num-stages": 1, "local-epochs": 1}))  # builds the data cache
+    overrides = {"num_stages": args.stages, "local_epochs": args.local_epochs, "pretrain": "none",
+                 "data_root": str(work / "data"), "output_dir": str(work / "outputs")}
+    config = RunConfig.with_defaults(**overrides)
+    plain_loop(RunConfig.with_defaults(**{**overrides, "num_stages": 1, "local_epochs": 1}))  # builds the data cache
 
     started = time.perf_counter()
     plain_means = plain_loop(config)
     plain_seconds = time.perf_counter() - started
 
-    text = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}" for k, v in overrides.items())
+    text = " ".join(f"{k.replace('_', '-')}={json.dumps(v) if isinstance(v, str) else v}"
+                    for k, v in overrides.items())
     started = time.perf_counter()
     with local_superlink(work / "flwr-home", cwd=work) as link:
         run_id, _ = flwr_run(link.env, text.replace('"', "'"), "num-supernodes=4 client-resources-num-cpus=1")

@@ -32,8 +32,8 @@ def main() -> None:
     parser.add_argument("--data-root", default="")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    config = RunConfig(data_root=args.data_root)
-    options = options_from(config)
+    config = RunConfig.with_defaults(data_root=args.data_root)
+    options = options_from(vars(config), config.image_size)
     tasks = [load_node_task(entry, 0, 1, options) for entry in config.datasets]
 
     def probe(backbone) -> str:

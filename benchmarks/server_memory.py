@@ -25,10 +25,11 @@ def peak_rss_mb() -> float:
 
 def one_stage(k: int, model: str, image_size: int) -> None:
     """Child process: one stage with K synthetic replies; prints peak RSS before and after."""
-    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
     from flwr.serverapp import Grid
     from flwr.supercore.task_identity import TaskIdentity
 
+    from meduniverse_flwr.config import RunConfig
     from meduniverse_flwr.data import TaskCard
     from meduniverse_flwr.messages import pack
     from meduniverse_flwr.model import create_backbone
@@ -37,6 +38,7 @@ def one_stage(k: int, model: str, image_size: int) -> None:
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     base = ArrayRecord(create_backbone(model, image_size).state_dict())
     shapes = {name: array.shape for name, array in base.items()}
+    base_arrays = {name: array.numpy() for name, array in base.items()}
     rng = np.random.default_rng(0)
 
     class SyntheticGrid(Grid):
@@ -61,7 +63,9 @@ def one_stage(k: int, model: str, image_size: int) -> None:
             for message_id in message_ids:
                 message = self.pushed.pop(message_id, None)
                 if message is not None:
-                    arrays = {n: rng.standard_normal(s, dtype=np.float32) for n, s in shapes.items()}
+                    # a fine-tuned backbone: the base plus a small update (within max-update-ratio)
+                    arrays = {n: base_arrays[n] + 0.01 * rng.standard_normal(s, dtype=np.float32)
+                              for n, s in shapes.items()}
                     content = RecordDict({"arrays": pack(arrays, "fp32"),
                                           "metrics": MetricRecord({"num-examples": 100})})
                     return [Message(content, reply_to=message)]
@@ -80,10 +84,10 @@ def one_stage(k: int, model: str, image_size: int) -> None:
         def run(self):
             raise NotImplementedError
 
-    strategy = StageWise(clients_per_stage=k)
-    strategy.cards = {node: TaskCard(f"task-{node}", "synthetic", 2, "binary", 100) for node in range(k)}
+    strategy = StageWise(RunConfig.with_defaults(clients_per_stage=k, model=model, image_size=image_size))
+    strategy.cards = {node: TaskCard(f"task-{node}", "synthetic", 2, "binary", 100, 100) for node in range(k)}
     before = peak_rss_mb()
-    new_base, metrics = strategy.run_train_stage(SyntheticGrid(), 1, base, ConfigRecord())
+    new_base, metrics = strategy.run_train_stage(SyntheticGrid(), 1, base)
     assert metrics["replies"] == k
     print(f"{before:.1f} {peak_rss_mb():.1f}")
 

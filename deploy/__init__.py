@@ -1,1 +1,2 @@
-"""Real deployments: certificates (make_certs) and the SuperLink / SuperNode launcher (launch)."""
+"""Real deployments: certificates (make_certs), the SuperLink / SuperNode launcher (launch), the Flower
+CLI wrapper (flwr_cli) and the processes it starts and stops (processes)."""

@@ -25,39 +25,20 @@ import argparse
 import json
 import os
 import shlex
-import signal
-import ssl
 import subprocess
 import sys
 import time
-import tomllib
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import tomli_w
-
+from deploy.errors import LaunchError, existing
+from deploy.flwr_cli import BIN, flower_env, register, supernodes, wait_for_superlink, write_connection
 from deploy.make_certs import make_certs
+from deploy.processes import start, stop, stop_recorded, write_pid_file
 
-BIN = Path(sys.executable).parent
 INSECURE_WARNING = ("WARNING: --insecure: traffic is unencrypted and any node can join; "
                     "use it only on a trusted network, never with patient data")
 LOCAL_CONNECTION = "meduniverse-local"
-
-
-class LaunchError(RuntimeError):
-    """A launch that cannot go on; the message is one line naming what and where."""
-
-
-def flower_env(flwr_home: Path | None = None) -> dict:
-    """The environment for Flower processes: this venv's bin first (the SuperLink starts
-    ``flower-superexec`` from PATH), no telemetry, no runtime dependency install."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    if flwr_home is not None:
-        env["FLWR_HOME"] = str(flwr_home)
-    return env
 
 
 def require_tls(certs_given: bool, insecure: bool, who: str) -> None:
@@ -70,12 +51,6 @@ def require_tls(certs_given: bool, insecure: bool, who: str) -> None:
         print(INSECURE_WARNING, file=sys.stderr)
 
 
-def _existing(path: Path, what: str) -> Path:
-    if not path.is_file():
-        raise LaunchError(f"{what}: {path} does not exist")
-    return path
-
-
 def superlink_command(host: str, port: int, state: Path, certs: Path | None, insecure: bool) -> list[str]:
     """``flower-superlink`` with TLS (``certs`` holds ca.crt, server.pem, server.key from make_certs),
     SuperNode authentication and a state database that survives restarts."""
@@ -85,9 +60,9 @@ def superlink_command(host: str, port: int, state: Path, certs: Path | None, ins
                "--disable-runtime-dependency-installation"]
     if insecure:
         return command + ["--insecure"]
-    return command + ["--ssl-ca-certfile", str(_existing(certs / "ca.crt", "superlink --certs")),
-                      "--ssl-certfile", str(_existing(certs / "server.pem", "superlink --certs")),
-                      "--ssl-keyfile", str(_existing(certs / "server.key", "superlink --certs")),
+    return command + ["--ssl-ca-certfile", str(existing(certs / "ca.crt", "superlink --certs")),
+                      "--ssl-certfile", str(existing(certs / "server.pem", "superlink --certs")),
+                      "--ssl-keyfile", str(existing(certs / "server.key", "superlink --certs")),
                       "--enable-supernode-auth"]
 
 
@@ -103,145 +78,8 @@ def supernode_command(superlink: str, dataset: str, data_root: str, port: int,
         return command + ["--insecure"]
     if key is None:
         raise LaunchError("supernode: --key is required with TLS (the SuperLink authenticates every node)")
-    return command + ["--root-certificates", str(_existing(ca, "supernode --ca")),
-                      "--auth-supernode-private-key", str(_existing(key, "supernode --key"))]
-
-
-def write_connection(flwr_home: Path, name: str, superlink: str, ca: Path | None) -> Path:
-    """Add (or replace) the ``flwr`` connection ``name`` in ``$FLWR_HOME/config.toml``, so
-    ``flwr run . <name>`` submits to this SuperLink. Other connections are kept."""
-    path = flwr_home / "config.toml"
-    try:
-        config = tomllib.loads(path.read_text()) if path.is_file() else {}
-    except tomllib.TOMLDecodeError as err:
-        raise LaunchError(f"{path}: not valid TOML ({err}); fix or move it, it is left as it is") from None
-    entry = {"address": superlink}
-    if ca is None:
-        entry["insecure"] = True
-    else:
-        entry["root-certificates"] = str(_existing(ca, "connect --ca").resolve())
-    config.setdefault("superlink", {})[name] = entry
-    config["superlink"].setdefault("default", name)
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".toml.partial")  # write then rename: a crash never truncates the user's file
-    partial.write_text(tomli_w.dumps(config))
-    partial.replace(path)
-    return path
-
-
-def flwr(env: dict, *args: str, timeout: float = 120) -> dict:
-    """A ``flwr`` CLI call with JSON output; its answer, or a one-line error with flwr's reason."""
-    command = [str(BIN / "flwr"), *args, "--format", "json"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-    try:
-        answer = json.loads(result.stdout)
-    except json.JSONDecodeError:
-        answer = {"success": False, "error-message": result.stdout + result.stderr or "(no output)"}
-    if result.returncode != 0 or not answer.get("success", True):
-        reason = (str(answer.get("error-message", "")).strip().splitlines() or [f"exit {result.returncode}"])[-1]
-        raise LaunchError(f"flwr {' '.join(args)}: {reason.strip()}")
-    return answer
-
-
-def register(env: dict, connection: str, public_key: Path) -> int | None:
-    """Register a site's public key with the SuperLink; its new node id, or None if the key was
-    registered before (the SuperLink's state database keeps it across restarts)."""
-    try:
-        return int(flwr(env, "supernode", "register", str(_existing(public_key, "register")), connection)["node-id"])
-    except LaunchError as err:
-        if "already in use" in str(err):
-            return None
-        raise
-
-
-def supernodes(env: dict, connection: str) -> list[dict]:
-    """The SuperLink's SuperNodes with their status (``registered``, ``online``, ...)."""
-    return flwr(env, "supernode", "list", connection)["nodes"]
-
-
-def start(command: list[str], log_file: Path, env: dict, cwd: Path) -> subprocess.Popen:
-    """Start a long-running Flower process in its own process group (stopped as a group, by PID)."""
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "ab") as log:
-        return subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-
-
-def _stat(pid: int) -> list[str]:
-    """/proc/<pid>/stat after the command name: state, parent PID, ..."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid``, from /proc (Linux); empty elsewhere."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            parent = int(_stat(int(entry.name))[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(parent, []).append(int(entry.name))
-    found, todo = [], list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        found.append(child)
-        todo.extend(children.get(child, []))
-    return found
-
-
-def running(pid: int) -> bool:
-    """Whether ``pid`` still runs; a zombie does not (our own children are reaped here)."""
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass  # not our child
-    try:
-        return _stat(pid)[0] != "Z"
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: ask the kernel
-        try:
-            os.kill(pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-
-
-def stop(pid: int, grace: float = 10.0) -> None:
-    """SIGTERM the process group ``pid`` leads and every process below it (Flower starts its
-    SuperExec in a session of its own), then SIGKILL what is left after ``grace`` seconds.
-    Only groups we started: a PID that no longer leads its group is left alone."""
-    try:
-        if os.getpgid(pid) != pid:
-            return
-    except ProcessLookupError:
-        return
-    tree = [pid, *descendants(pid)]
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        for target in tree:
-            try:
-                os.killpg(target, sig) if target == pid else os.kill(target, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(running(target) for target in tree):
-            time.sleep(0.1)
-
-
-def wait_for_superlink(address: str, ca: Path | None, proc: subprocess.Popen, log_file: Path,
-                       timeout: float = 60) -> None:
-    scheme = "http" if ca is None else "https"
-    context = None if ca is None else ssl.create_default_context(cafile=str(ca))
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{scheme}://{address}/health", timeout=2, context=context):
-                return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise LaunchError(f"the SuperLink did not start; see {log_file}") from None
-            time.sleep(0.3)
+    return command + ["--root-certificates", str(existing(ca, "supernode --ca")),
+                      "--auth-supernode-private-key", str(existing(key, "supernode --key"))]
 
 
 @dataclass
@@ -314,7 +152,7 @@ class LocalDeployment:
 
     def _track(self, name: str, proc: subprocess.Popen) -> None:
         self.processes[name] = proc
-        (self.dir / "pids.json").write_text(json.dumps({n: p.pid for n, p in self.processes.items()}))
+        write_pid_file(self.dir / "pids.json", self.processes)
 
     def stop(self) -> None:
         for proc in reversed(self.processes.values()):
@@ -323,38 +161,15 @@ class LocalDeployment:
         (self.dir / "pids.json").unlink(missing_ok=True)
 
 
-def _is_flower(pid: int) -> bool:
-    try:
-        return b"flower-" in Path(f"/proc/{pid}/cmdline").read_bytes()
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: trust the PID file
-        return True
-
-
-def stop_from_pid_file(directory: Path) -> list[str]:
-    """``launch stop``: end what ``launch local`` started in ``directory``."""
-    pid_file = directory / "pids.json"
-    if not pid_file.is_file():
-        raise LaunchError(f"stop: {pid_file} does not exist; nothing started there")
-    try:
-        pids = json.loads(pid_file.read_text())
-    except json.JSONDecodeError as err:
-        raise LaunchError(f"stop: {pid_file} is not valid JSON ({err})") from None
-    for pid in reversed(pids.values()):
-        if _is_flower(int(pid)):  # a PID reused since by something else is left alone
-            stop(int(pid))
-    pid_file.unlink()
-    return list(pids)
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m deploy.launch", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     link = commands.add_parser("superlink", help="run the SuperLink (foreground)")
     link.add_argument("--certs", type=Path, help="folder with ca.crt, server.pem, server.key (make_certs.py)")
-    link.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    link.add_argument("--host", default="127.0.0.1",
+                      help="address to listen on (default: this machine only; other sites need 0.0.0.0 "
+                           "or the address of the interface they reach)")
     link.add_argument("--port", type=int, default=9092, help="the one port SuperNodes and flwr connect to")
     link.add_argument("--state", type=Path, default=Path("state"), help="state database and log folder")
     link.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (testing only)")
@@ -426,8 +241,11 @@ def main(argv: list[str] | None = None) -> None:
                   f"logs in {args.dir / 'logs'}\nrun:  flwr run . {LOCAL_CONNECTION} --stream\n"
                   f"stop: python -m deploy.launch stop --dir {shlex.quote(str(args.dir))}")
         elif args.command == "stop":
-            print(f"stopped {', '.join(stop_from_pid_file(args.dir))}")
-    except LaunchError as err:
+            stopped, skipped = stop_recorded(args.dir / "pids.json")
+            for line in skipped:
+                print(line, file=sys.stderr)
+            print(f"stopped {', '.join(stopped) or 'nothing'}")
+    except (LaunchError, FileExistsError) as err:  # FileExistsError: make_certs will not replace a CA
         sys.exit(f"error: {err}")
 
 

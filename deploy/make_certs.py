@@ -9,7 +9,8 @@ host names and IP addresses), and ``node-<i>`` / ``node-<i>.pub`` (OpenSSH
 ECDSA keys: the private one stays at site i, the public one is registered with
 ``flwr supernode register node-<i>.pub <connection>``). Checked by hand with
 Flower 1.42 (``flower-superlink --ssl-* --enable-supernode-auth`` and
-``flower-supernode --root-certificates --auth-supernode-*``).
+``flower-supernode --root-certificates --auth-supernode-*``). A CA already in
+``--out`` is replaced only with ``--force``: every certificate it signed stops working.
 """
 
 from __future__ import annotations
@@ -43,14 +44,31 @@ def _subject_alt_names(hosts: list[str]) -> x509.SubjectAlternativeName:
 
 
 def _write(path: Path, data: bytes, private: bool) -> None:
-    path.write_bytes(data)
-    if private:
-        os.chmod(path, 0o600)
+    """Write ``data`` to a new file, then rename it over ``path``: a private key is owner-only from
+    its first byte (no chmod afterwards, no window), and whoever held the old file open does not
+    see the new one."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.unlink(missing_ok=True)  # left by a crash; O_EXCL below refuses to reuse it
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+    os.replace(partial, path)
 
 
-def make_certs(out: Path, hosts: list[str], nodes: int, days: int = 365) -> None:
+def _refuse_to_replace_ca(out: Path) -> None:
+    for name in ("ca.crt", "ca.key"):
+        if (out / name).exists():
+            raise FileExistsError(f"{out / name} exists; replacing the CA invalidates every certificate it "
+                                  f"signed, pass --force (force=True) to do it anyway")
+
+
+def make_certs(out: Path, hosts: list[str], nodes: int, days: int = 365, force: bool = False) -> None:
+    """Make the CA, the SuperLink's certificate for ``hosts`` and ``nodes`` SuperNode key pairs in
+    ``out``; an existing CA there is replaced only with ``force``."""
     if not hosts:
         raise ValueError("--hosts: name at least one host name or IP address of the SuperLink")
+    if not force:
+        _refuse_to_replace_ca(out)
     out.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.timezone.utc)
     validity = {"not_valid_before": now - datetime.timedelta(minutes=5),
@@ -87,10 +105,12 @@ def main() -> None:
     parser.add_argument("--hosts", required=True, help="comma list of the SuperLink's host names / IP addresses")
     parser.add_argument("--nodes", type=int, default=0, help="SuperNode authentication key pairs to make")
     parser.add_argument("--days", type=int, default=365)
+    parser.add_argument("--force", action="store_true", help="replace a CA that --out already holds")
     args = parser.parse_args()
     try:
-        make_certs(args.out, [h.strip() for h in args.hosts.split(",") if h.strip()], args.nodes, args.days)
-    except ValueError as err:
+        make_certs(args.out, [h.strip() for h in args.hosts.split(",") if h.strip()], args.nodes, args.days,
+                   args.force)
+    except (ValueError, FileExistsError) as err:
         parser.exit(2, f"error: {err}\n")
     print(f"wrote the CA, the SuperLink certificate and {args.nodes} SuperNode key pairs to {args.out}")
 

@@ -2,45 +2,128 @@
 
 No Flower and no torch here. The server folds each valid reply into a
 ``RunningAggregate`` as it arrives (memory stays flat in the number of
-replies), then mixes the result with the previous base.
+replies), then mixes the result with the previous base. ``check_update`` and
+the norm helpers are the numeric half of ``validation.check_train_reply``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
 Arrays = Mapping[str, np.ndarray]
-RULES = ("mean", "weighted")
+
+# Aggregation rule -> the weight of one update given its example count (config validation reads the keys).
+RULES: dict[str, Callable[[float], float]] = {
+    "mean": lambda num_examples: 1.0,
+    "weighted": float,
+}
+
+
+def _key_list(keys: Iterable[object]) -> str:
+    """Up to three keys a node sent, each repr-quoted and cut short: a reason stays one short line."""
+    ordered = sorted(keys, key=repr)  # keys of mixed types do not compare with each other
+    shown = ", ".join(repr(key)[:40] for key in ordered[:3])
+    return f"[{shown}{', ...' if len(ordered) > 3 else ''}]"
 
 
 def check_update(reference: Arrays, update: Arrays) -> str | None:
-    """Why ``update`` cannot be aggregated against ``reference``, or None if it can."""
-    missing = sorted(set(reference) - set(update))
+    """Why ``update`` cannot be aggregated against ``reference``, or None if it can.
+
+    Same keys, arrays of the reference's shapes and dtypes (the base is float), finite values.
+    """
+    missing = set(reference) - set(update)
     if missing:
-        return f"missing keys {missing[:3]}{'...' if len(missing) > 3 else ''}"
-    extra = sorted(set(update) - set(reference))
+        return f"missing keys {_key_list(missing)}"
+    extra = set(update) - set(reference)
     if extra:
-        return f"unexpected keys {extra[:3]}{'...' if len(extra) > 3 else ''}"
+        return f"unexpected keys {_key_list(extra)}"
     for name, ref in reference.items():
         arr = update[name]
+        if not isinstance(arr, np.ndarray):
+            return f"'{name}' is a {type(arr).__name__}, expected an array"
         if arr.shape != ref.shape:
             return f"'{name}' has shape {arr.shape}, expected {ref.shape}"
-        if not np.issubdtype(arr.dtype, np.floating):
-            return f"'{name}' has dtype {arr.dtype}, expected a float type"
+        if arr.dtype != ref.dtype:  # also keeps a node from choosing the aggregate's dtype (the first update's)
+            return f"'{name}' has dtype {str(arr.dtype)[:40]}, expected {ref.dtype}"
         if not np.isfinite(arr).all():
             return f"'{name}' contains NaN or Inf"
     return None
 
 
+def _norm(parts: Iterable[np.ndarray]) -> float:
+    """L2 norm of float64 ``parts`` taken together; inf if a part is not finite.
+
+    Each part is divided by its largest magnitude before squaring and the parts are
+    combined relative to the largest of those, so squares never overflow: the
+    result is inf only when the norm itself exceeds the float64 range.
+    """
+    peaks_and_squares = []
+    for part in parts:
+        peak = float(np.max(np.abs(part), initial=0.0))
+        if not math.isfinite(peak):
+            return math.inf
+        if peak > 0.0:
+            scaled = part / peak
+            peaks_and_squares.append((peak, float(np.vdot(scaled, scaled))))
+    if not peaks_and_squares:
+        return 0.0
+    top = max(peak for peak, _ in peaks_and_squares)
+    return top * math.sqrt(sum(squares * (peak / top) ** 2 for peak, squares in peaks_and_squares))
+
+
+def array_norm(arrays: Arrays) -> float:
+    """||arrays||: the L2 norm over all arrays, in float64."""
+    return _norm(np.asarray(arr, dtype=np.float64) for arr in arrays.values())
+
+
+def update_norm(base: Arrays, arrays: Arrays) -> float:
+    """||arrays - base|| over all arrays, in float64, without overflow.
+
+    ``arrays`` must pass ``check_update(base, arrays)``. Float32 inputs always give a
+    finite norm; inf means the difference itself overflows float64 (float64 inputs near
+    their maximum) and must be treated as too large.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing difference is reported as inf
+        return _norm(np.subtract(arrays[name], base[name], dtype=np.float64) for name in base)
+
+
+def relative_update_norm(base: Arrays, arrays: Arrays) -> float:
+    """||arrays - base|| / ||base||; against a zero base, 0 for no change and inf for any."""
+    delta, reference = update_norm(base, arrays), array_norm(base)
+    if reference == 0.0:
+        return 0.0 if delta == 0.0 else math.inf
+    return delta / reference
+
+
+def clip_update(base: Arrays, arrays: Arrays, max_norm: float) -> dict[str, np.ndarray]:
+    """``arrays`` with the delta from ``base`` scaled down to norm ``max_norm`` (unchanged if within it).
+
+    The direction of the update is kept; each value lies between the base's and the update's, in the
+    update's dtype, so it stays finite. ValueError if the update norm is not finite (no direction to keep).
+    """
+    if not max_norm >= 0.0:
+        raise ValueError(f"max_norm must be >= 0, got {max_norm}")
+    norm = update_norm(base, arrays)
+    if not math.isfinite(norm):
+        raise ValueError("the update norm overflows float64; it cannot be clipped")
+    if norm <= max_norm:
+        return dict(arrays)
+    scale = max_norm / norm
+    clipped = {}
+    for name, arr in arrays.items():
+        ref = base[name].astype(np.float64)
+        clipped[name] = (ref + (arr.astype(np.float64) - ref) * scale).astype(arr.dtype)
+    return clipped
+
+
 def update_weight(rule: str, num_examples: float) -> float:
-    """The weight of one update: 1 for ``mean``, its example count for ``weighted``."""
-    if rule == "mean":
-        return 1.0
-    if rule == "weighted":
-        return float(num_examples)
-    raise ValueError(f"aggregation '{rule}': unknown, choose one of {RULES}")
+    """The weight of one update under ``rule`` (``RULES``): 1 for ``mean``, its example count for ``weighted``."""
+    if rule not in RULES:
+        raise ValueError(f"aggregation '{rule}': unknown, choose one of {tuple(RULES)}")
+    return RULES[rule](num_examples)
 
 
 class RunningAggregate:

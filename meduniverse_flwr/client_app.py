@@ -2,73 +2,69 @@
 
 ``query``    -> the node's task card (never its data)
 ``train``    -> fine-tune base + fresh head on the local train split, reply with the backbone only
-``evaluate`` -> score the received base for the local task (linear probe or fine-tune)
+``evaluate`` -> score the received base for the local task (``eval-mode``: linear probe or fine-tune)
+
+A node reads from the run config only where its data are (``config.NODE_DATA_KEYS``);
+everything else, model and arrays' encoding included, comes in each message's
+``config`` record. Server-side settings (checkpoint paths, ``resume-from``,
+``output-dir``) are never read here, so a SuperNode depends only on its own
+files and node config.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .config import RunConfig
+from .config import NODE_DATA_KEYS, read_keys
 from .data import NodeTask, load_node_task, options_from
 from .data.partition import node_dataset
-from .messages import pack, unpack_torch
-from .task import TrainSettings, evaluate_base, resolve_device, train_on_task
+from .messages import Instructions, pack, unpack_torch
+from .task import evaluate_base, train_on_task
 
 app = ClientApp()
 
 
-def node_task(context: Context) -> tuple[RunConfig, NodeTask]:
-    """The run config and this node's task. A deployed SuperNode names its own
-    dataset in ``--node-config 'dataset="..."'``; in simulation the partition id picks one."""
-    config = RunConfig.from_run_config(context.run_config)
+def node_task(context: Context, image_size: int) -> NodeTask:
+    """This node's task. A deployed SuperNode names its own dataset (and data root) in
+    ``--node-config 'dataset="..." data-root="..."'``; in simulation the partition id picks one."""
+    values = read_keys(context.run_config, NODE_DATA_KEYS)
     node = context.node_config
     if "dataset" in node:
         entry, shard, n_shards = str(node["dataset"]), 0, 1
     else:
-        entry, shard, n_shards = node_dataset(int(node["partition-id"]), int(node["num-partitions"]), config.datasets)
-    options = dataclasses.replace(options_from(config), root=str(node.get("data-root", config.data_root)))
-    return config, load_node_task(entry, shard, n_shards, options)
+        entry, shard, n_shards = node_dataset(int(node["partition-id"]), int(node["num-partitions"]),
+                                              values["datasets"])
+    values["data_root"] = str(node.get("data-root", values["data_root"]))
+    return load_node_task(entry, shard, n_shards, options_from(values, image_size))
 
 
-def settings_from(message: Message, config: RunConfig, epochs_key: str) -> TrainSettings:
-    sent = message.content.config_records["config"]
-    return TrainSettings(
-        epochs=int(sent[epochs_key]),
-        lr=float(sent["lr"]),
-        weight_decay=float(sent["weight-decay"]),
-        batch_size=int(sent["batch-size"]),
-        seed=int(sent["seed"]),
-        device=resolve_device(config.device),
-    )
+def instructions(message: Message) -> Instructions:
+    return Instructions.from_record(message.content.config_records["config"])
 
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
-    _, task = node_task(context)
-    return Message(RecordDict({"card": ConfigRecord(task.card.to_record())}), reply_to=message)
+    image_size = read_keys(message.content.config_records["config"], ["image-size"])["image_size"]
+    card = node_task(context, image_size).card
+    return Message(RecordDict({"card": ConfigRecord(card.to_record())}), reply_to=message)
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    config, task = node_task(context)
-    state = unpack_torch(message.content.array_records["arrays"], config.transport_dtype)
-    backbone, metrics = train_on_task(config.model, config.image_size, task, state,
-                                      settings_from(message, config, "local-epochs"))
-    content = RecordDict({"arrays": pack(backbone, config.transport_dtype), "metrics": MetricRecord(metrics)})
+    sent = instructions(message)
+    task = node_task(context, sent.image_size)
+    state = unpack_torch(message.content.array_records["arrays"], sent.transport_dtype)
+    backbone, metrics = train_on_task(sent.model, sent.image_size, task, state, sent.train_settings(),
+                                      validate=sent.node_metrics)
+    content = RecordDict({"arrays": pack(backbone, sent.transport_dtype), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=message)
 
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    config, task = node_task(context)
-    sent = message.content.config_records["config"]
-    eval_mode = str(sent["eval-mode"])
-    epochs_key = "probe-epochs" if eval_mode == "linear-probe" else "eval-epochs"
-    backbone = unpack_torch(message.content.array_records["arrays"], config.transport_dtype)
-    metrics = evaluate_base(config.model, config.image_size, task, backbone, eval_mode,
-                            settings_from(message, config, epochs_key))
+    sent = instructions(message)
+    task = node_task(context, sent.image_size)
+    backbone = unpack_torch(message.content.array_records["arrays"], sent.transport_dtype)
+    metrics = evaluate_base(sent.model, sent.image_size, task, backbone, sent.eval_mode, sent.train_settings())
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)

@@ -1,24 +1,30 @@
 """The run configuration: Flower's flat kebab-case run config, typed and checked.
 
-Every key of ``[tool.flwr.app.config]`` maps to one field here. A wrong key,
-type or value raises ``ConfigError`` with one line naming the key, before any
-node is contacted.
+``[tool.flwr.app.config]`` in pyproject.toml is the one declaration of every
+key and its default; Flower merges it into every run's config. ``RunConfig``
+declares each key's *type* (a field per key, no defaults) and its check.
+Choices are read from the registries that implement them (strategies,
+aggregation rules, pretraining methods, data sources, evaluation protocols,
+...), so adding a variant never touches this file.
+
+Two readers: the ServerApp builds the whole ``RunConfig`` (every check,
+server-side paths included) before any node is contacted; a node reads only
+the data keys it uses (``node_data_keys``), because everything else it needs
+comes in each message. A wrong key, type or value raises ``ConfigError`` with
+one line naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-AGGREGATIONS = ("mean", "weighted")
-PRETRAIN_METHODS = ("mae", "simmim")
-DATA_SOURCES = ("embedded", "medmnist", "folder", "dicom")
-PARTITIONS = ("iid", "dirichlet")
-TRANSPORT_DTYPES = ("fp32", "bf16", "fp16")
-EVAL_MODES = ("linear-probe", "finetune")
-DEVICES = ("auto", "cpu", "cuda")
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
 
 class ConfigError(ValueError):
@@ -30,53 +36,68 @@ def split_list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
+def declared_defaults(pyproject: Path = PYPROJECT) -> dict[str, Any]:
+    """``[tool.flwr.app.config]``: every key with its default (what Flower merges into a run)."""
+    with open(pyproject, "rb") as handle:
+        return dict(tomllib.load(handle)["tool"]["flwr"]["app"]["config"])
+
+
 @dataclass(frozen=True)
 class RunConfig:
-    num_stages: int = 3
-    clients_per_stage: int = 4
-    local_epochs: int = 2
-    model: str = "vit-micro"
-    image_size: int = 28
-    data: str = "embedded"
-    data_root: str = ""
-    datasets: tuple[str, ...] = ("fundus-vessel", "histology-stain", "brain-tissue", "ct-tissue")
-    held_out: tuple[str, ...] = ()
-    partition: str = "iid"
-    dirichlet_alpha: float = 0.5
-    download: bool = False
-    skip_unreadable: bool = False
-    aggregation: str = "weighted"
-    server_mix: float = 1.0
-    pretrain: str = "mae"
-    pretrain_epochs: int = 10
-    eval_mode: str = "linear-probe"
-    eval_epochs: int = 1
-    probe_epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    seed: int = 0
-    stage_timeout: float = 3600.0
-    oversample: float = 1.0
-    min_replies: int = 1
-    transport_dtype: str = "fp32"
-    device: str = "auto"
-    output_dir: str = "outputs"
-    resume_from: str = ""
+    """One field per declared key (``-`` becomes ``_``); the defaults live in pyproject.toml only."""
+
+    strategy: str
+    num_stages: int
+    clients_per_stage: int
+    local_epochs: int
+    model: str
+    image_size: int
+    data: str
+    data_root: str
+    datasets: tuple[str, ...]
+    held_out: tuple[str, ...]
+    partition: str
+    dirichlet_alpha: float
+    download: bool
+    skip_unreadable: bool
+    aggregation: str
+    server_mix: float
+    pretrain: str
+    pretrain_epochs: int
+    eval_mode: str
+    eval_epochs: int
+    probe_epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    seed: int
+    stage_timeout: float
+    oversample: float
+    min_replies: int
+    max_update_ratio: float
+    on_excess_update: str
+    node_metrics: bool
+    transport_dtype: str
+    device: str
+    output_dir: str
+    resume_from: str
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunConfig":
-        """Build from Flower's ``context.run_config`` (kebab-case keys)."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        values: dict[str, Any] = {}
-        for key, raw in run_config.items():
-            name = key.replace("-", "_")
-            if name not in fields:
-                raise ConfigError(f"run config: unknown key '{key}'")
-            values[name] = _coerce(key, raw, fields[name].type)
-        config = cls(**values)
-        config.validate()
+        """Build from Flower's ``context.run_config`` (kebab-case keys); every server check runs."""
+        unknown = sorted(set(run_config) - set(KEYS))
+        if unknown:
+            raise ConfigError(f"run config: unknown key '{unknown[0]}'")
+        config = cls(**read_keys(run_config, KEYS))
+        config.check_server()
         return config
+
+    @classmethod
+    def with_defaults(cls, **overrides: Any) -> "RunConfig":
+        """The declared defaults with snake_case ``overrides`` (tests, benchmarks, scripts)."""
+        run_config = declared_defaults()
+        run_config.update({name.replace("_", "-"): value for name, value in overrides.items()})
+        return cls.from_run_config(run_config)
 
     def to_run_config(self) -> dict[str, Any]:
         """The kebab-case mapping, lists as comma strings (the results contract)."""
@@ -86,39 +107,24 @@ class RunConfig:
             out[f.name.replace("_", "-")] = ",".join(value) if isinstance(value, tuple) else value
         return out
 
-    def validate(self) -> None:
+    def check_server(self) -> None:
+        """Checks across keys and of the server's own files; run before anything is sent."""
         def check(ok: bool, key: str, why: str) -> None:
             if not ok:
                 raise ConfigError(f"run config: '{key}' = {getattr(self, key.replace('-', '_'))!r}: {why}")
 
-        check(self.num_stages >= 1, "num-stages", "must be >= 1")
-        check(self.clients_per_stage >= 1, "clients-per-stage", "must be >= 1")
-        check(self.local_epochs >= 1, "local-epochs", "must be >= 1")
-        check(self.image_size >= 8, "image-size", "must be >= 8")
-        check(self.aggregation in AGGREGATIONS, "aggregation", f"must be one of {AGGREGATIONS}")
-        check(0.0 < self.server_mix <= 1.0, "server-mix", "must be in (0, 1]")
-        check(self.eval_mode in EVAL_MODES, "eval-mode", f"must be one of {EVAL_MODES}")
-        check(self.eval_epochs >= 1, "eval-epochs", "must be >= 1")
-        check(self.probe_epochs >= 1, "probe-epochs", "must be >= 1")
-        check(self.batch_size >= 1, "batch-size", "must be >= 1")
-        check(self.lr > 0, "lr", "must be > 0")
-        check(self.weight_decay >= 0, "weight-decay", "must be >= 0")
-        check(self.stage_timeout > 0, "stage-timeout", "must be > 0")
-        check(self.oversample >= 1.0, "oversample", "must be >= 1 (ask at least K nodes)")
+        from .pretrain import METHODS
+
         check(1 <= self.min_replies <= self.clients_per_stage, "min-replies", "must be in 1..clients-per-stage")
-        check(self.device in DEVICES, "device", f"must be one of {DEVICES}")
         check(not self.resume_from or (Path(self.resume_from).expanduser() / "results.json").is_file(),
               "resume-from", "must be a run directory holding results.json")
-        check(self.transport_dtype in TRANSPORT_DTYPES, "transport-dtype", f"must be one of {TRANSPORT_DTYPES}")
-        if self.pretrain in PRETRAIN_METHODS:
+        if self.pretrain in METHODS:
             check(self.pretrain_epochs >= 1, "pretrain-epochs", f"must be >= 1 with pretrain = '{self.pretrain}'")
         elif self.pretrain != "none":
             check(Path(self.pretrain).expanduser().is_file(), "pretrain",
-                  f"must be one of {('none', *PRETRAIN_METHODS)} or an existing checkpoint file")
-        check(len(self.datasets) >= 1, "datasets", "must name at least one dataset")
-        check(self.data in DATA_SOURCES, "data", f"must be one of {DATA_SOURCES}")
-        check(self.partition in PARTITIONS, "partition", f"must be one of {PARTITIONS}")
-        check(self.dirichlet_alpha > 0, "dirichlet-alpha", "must be > 0")
+                  f"must be one of {('none', *METHODS)} or an existing checkpoint file")
+        output_dir = Path(self.output_dir).expanduser()
+        check(not output_dir.exists() or output_dir.is_dir(), "output-dir", "exists and is not a directory")
         unknown = [name for name in self.held_out if name not in self.dataset_names]
         check(not unknown, "held-out", f"{unknown} not among the dataset names {self.dataset_names}")
         check(len(self.held_out) < len(self.datasets), "held-out", "leaves no dataset to train on")
@@ -136,9 +142,80 @@ class RunConfig:
         return tuple(e for e, n in zip(self.datasets, self.dataset_names) if n not in self.held_out)
 
 
-def _coerce(key: str, raw: Any, annotation: Any) -> Any:
+KEYS: dict[str, str] = {f.name.replace("_", "-"): str(f.type) for f in dataclasses.fields(RunConfig)}
+
+# The keys a node reads from the run config: where its data are and how nodes share them.
+NODE_DATA_KEYS = ("data", "data-root", "datasets", "partition", "dirichlet-alpha", "download", "skip-unreadable",
+                  "seed")
+
+
+Check = Callable[[Any], "str | None"]  # the reason a value is wrong, or None
+
+
+def _rule(predicate: Callable[[Any], bool], why: str) -> Check:
+    return lambda value: None if predicate(value) else why
+
+
+def _at_least(bound: float) -> Check:
+    return _rule(lambda value: value >= bound, f"must be >= {bound:g}")
+
+
+def _one_of(module: str, registry: str) -> Check:
+    """A choice among a registry's keys; imported when checked, since every registry imports config."""
+    def check(value: Any) -> str | None:
+        choices = getattr(importlib.import_module(f"meduniverse_flwr.{module}"), registry)
+        return None if value in choices else f"must be one of {tuple(choices)}"
+
+    return check
+
+
+# Each key's own check. Keys without one only need the right type.
+CHECKS: dict[str, Check] = {
+    "strategy": _one_of("strategy", "STRATEGIES"),
+    "num-stages": _at_least(1),
+    "clients-per-stage": _at_least(1),
+    "local-epochs": _at_least(1),
+    "model": _one_of("model", "MODELS"),
+    "image-size": _at_least(8),
+    "data": _one_of("data", "SOURCES"),
+    "datasets": _rule(lambda value: len(value) >= 1, "must name at least one dataset"),
+    "partition": _one_of("data", "PARTITIONS"),
+    "dirichlet-alpha": _rule(lambda value: value > 0, "must be > 0"),
+    "aggregation": _one_of("aggregation", "RULES"),
+    "server-mix": _rule(lambda value: 0.0 < value <= 1.0, "must be in (0, 1]"),
+    "pretrain-epochs": _at_least(0),
+    "eval-mode": _one_of("task", "EVAL_PROTOCOLS"),
+    "eval-epochs": _at_least(1),
+    "probe-epochs": _at_least(1),
+    "batch-size": _at_least(1),
+    "lr": _rule(lambda value: value > 0, "must be > 0"),
+    "weight-decay": _at_least(0),
+    "stage-timeout": _rule(lambda value: value > 0, "must be > 0"),
+    "oversample": _rule(lambda value: value >= 1.0, "must be >= 1 (ask at least K nodes)"),
+    "min-replies": _at_least(1),
+    "max-update-ratio": _rule(lambda value: value > 0, "must be > 0"),
+    "on-excess-update": _one_of("validation", "ON_EXCESS"),
+    "transport-dtype": _one_of("transport", "TRANSPORT_DTYPES"),
+    "device": _one_of("task", "DEVICES"),
+}
+
+
+def read_keys(run_config: Mapping[str, Any], keys: Iterable[str]) -> dict[str, Any]:
+    """The typed, checked values of ``keys`` (snake_case names); one-line ConfigError otherwise."""
+    values: dict[str, Any] = {}
+    for key in keys:
+        if key not in run_config:
+            raise ConfigError(f"run config: missing key '{key}' (declared in [tool.flwr.app.config])")
+        value = _coerce(key, run_config[key], KEYS[key])
+        why = CHECKS[key](value) if key in CHECKS else None
+        if why is not None:
+            raise ConfigError(f"run config: '{key}' = {value!r}: {why}")
+        values[key.replace("-", "_")] = value
+    return values
+
+
+def _coerce(key: str, raw: Any, kind: str) -> Any:
     """Turn a TOML / CLI value into the field's type, or name the key that is wrong."""
-    kind = str(annotation)
     if "tuple" in kind:
         if not isinstance(raw, str):
             raise ConfigError(f"run config: '{key}' must be a comma-separated string, got {raw!r}")

@@ -1,13 +1,17 @@
-"""Model arrays in Flower records, in the run's transport dtype (both sides use these)."""
+"""What travels in a message, both ways: model arrays in the transport dtype, and the node's instructions."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
+from .config import ConfigError, read_keys
+from .task import TrainSettings, resolve_device
 from .transport import decode, encode
 
 
@@ -32,3 +36,40 @@ def unpack(record: ArrayRecord, transport_dtype: str) -> dict[str, np.ndarray]:
 
 def unpack_torch(record: ArrayRecord, transport_dtype: str) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.require(v, requirements=["W"])) for k, v in unpack(record, transport_dtype).items()}
+
+
+@dataclass(frozen=True)
+class Instructions:
+    """Everything a node needs for one message besides its data, sent in the message's ``config`` record.
+
+    Keys are the run-config names (and checks) of the same settings; ``epochs`` is the local
+    epochs of a train message, or the probe / fine-tune epochs of an evaluate message.
+    """
+
+    model: str
+    image_size: int
+    transport_dtype: str
+    device: str
+    epochs: int
+    lr: float
+    weight_decay: float
+    batch_size: int
+    seed: int
+    eval_mode: str
+    node_metrics: bool
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)})
+
+    @classmethod
+    def from_record(cls, record: Mapping[str, object]) -> "Instructions":
+        """Read and check a message's ``config`` record; ConfigError (one line) names a bad key."""
+        values = read_keys(record, [f.name.replace("_", "-") for f in dataclasses.fields(cls) if f.name != "epochs"])
+        epochs = record.get("epochs")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ConfigError(f"message config: 'epochs' = {epochs!r}: must be an integer >= 1")
+        return cls(epochs=epochs, **values)
+
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings(self.epochs, self.lr, self.weight_decay, self.batch_size, self.seed,
+                             resolve_device(self.device))

@@ -115,7 +115,11 @@ def save_backbone(path: Path, backbone: dict[str, torch.Tensor], metadata: dict[
 
 
 def load_backbone(path: Path, model: torch.nn.Module) -> None:
-    """Load a backbone checkpoint strictly into ``model``; one-line error on mismatch."""
+    """Load a backbone checkpoint strictly into ``model``; one-line error on mismatch.
+
+    The file may come from anywhere (a user's ``pretrain`` path, a shared cache):
+    names, shapes, dtypes and values are all checked before anything is loaded.
+    """
     try:
         state = load_file(str(path))
     except (OSError, SafetensorError) as err:
@@ -128,4 +132,12 @@ def load_backbone(path: Path, model: torch.nn.Module) -> None:
         parts = [f"missing {missing[:3]}" * bool(missing), f"unexpected {unexpected[:3]}" * bool(unexpected),
                  f"shape {wrong[:3]}" * bool(wrong)]
         raise ValueError(f"checkpoint {path}: does not fit the model: {'; '.join(p for p in parts if p)}")
+    # load_state_dict would silently cast any dtype; float8 and integers are no weights we write
+    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+    not_float = [f"{k} {v.dtype}" for k, v in state.items() if v.dtype not in floats]
+    if not_float:
+        raise ValueError(f"checkpoint {path}: not float16/bfloat16/float32/float64: {not_float[:3]}")
+    not_finite = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if not_finite:
+        raise ValueError(f"checkpoint {path}: non-finite values in {not_finite[:3]}")
     model.load_state_dict(state, strict=False)  # complete for the backbone, checked above

@@ -11,8 +11,13 @@ no conversion. Labels are never read.
   inside the encoder; a linear head predicts raw pixels; L1 on masked patches.
 
 Standalone: ``python -m meduniverse_flwr.pretrain --method mae --epochs 30 --out pretrained/``
-writes ``encoder.safetensors`` (load it with ``pretrain=<path>``), ``state.pt``
-(resumes a killed run), ``reconstruction.png`` and ``log.json``.
+writes ``encoder.safetensors`` (load it with ``pretrain=<path>``),
+``state.safetensors`` + ``state.json`` (resume a killed run), ``reconstruction.png``
+and ``log.json``.
+
+The resume state is data only (safetensors tensors, JSON bookkeeping) and is
+validated like any untrusted input before use: the pretraining cache lives in
+a shared data directory, so nothing read from it may run code.
 """
 
 from __future__ import annotations
@@ -28,16 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from .config import PRETRAIN_METHODS
 from .model import create_backbone, save_backbone
 from .seeds import derive_seed
 from .task import cosine_with_warmup, resolve_device, to_input
 
 logger = logging.getLogger("flwr")
-METHODS = PRETRAIN_METHODS
 DEFAULT_MASK_RATIO = {"mae": 0.75, "simmim": 0.6}
 
 
@@ -61,7 +66,7 @@ class PretrainSettings:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"pretrain method '{self.method}': unknown, choose one of {METHODS}")
+            raise ValueError(f"pretrain method '{self.method}': unknown, choose one of {list(METHODS)}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask ratio {self.mask_ratio}: must be in [0, 1)")
 
@@ -185,17 +190,34 @@ class SimMIM(MaskedImageModel):
         return loss, pred
 
 
+def _build_mae(encoder: VisionTransformer, settings: PretrainSettings) -> MaskedImageModel:
+    return MAE(encoder, settings.decoder_dim, settings.decoder_depth, norm_pix_loss=settings.norm_pix_loss)
+
+
+def _build_simmim(encoder: VisionTransformer, settings: PretrainSettings) -> MaskedImageModel:
+    return SimMIM(encoder)  # raw-pixel targets, as in the paper: norm_pix_loss is MAE's option
+
+
+# The pretraining methods: name -> builder of the MIM model around the encoder.
+METHODS: dict[str, Callable[[VisionTransformer, PretrainSettings], MaskedImageModel]] = {
+    "mae": _build_mae,
+    "simmim": _build_simmim,
+}
+
+
 def build_mim(encoder: VisionTransformer, settings: PretrainSettings) -> MaskedImageModel:
-    if settings.method == "mae":
-        return MAE(encoder, settings.decoder_dim, settings.decoder_depth, norm_pix_loss=settings.norm_pix_loss)
-    return SimMIM(encoder)
+    return METHODS[settings.method](encoder, settings)
 
 
 # ------------------------------------------------------------------ training
+STATE_TENSORS, STATE_JSON = "state.safetensors", "state.json"
+LEGACY_STATE = "state.pt"  # pickled by older versions: never loaded
+PROGRESS_FIELDS = ("key", "epoch", "losses", "images_per_second")
+
+
 @dataclass
 class PretrainResult:
     encoder_path: Path
-    epochs_done: int
     losses: list[float]
     images_per_second: list[float]
 
@@ -208,7 +230,7 @@ def pretrain(
     model_name: str, image_size: int, images: torch.Tensor, settings: PretrainSettings, out_dir: Path,
     device: str = "auto", on_epoch_end: Callable[[int, float], None] | None = None,
 ) -> PretrainResult:
-    """Pretrain ``model_name`` on uint8 ``images`` (N x 3 x S x S); resume from ``out_dir/state.pt``.
+    """Pretrain ``model_name`` on uint8 ``images`` (N x 3 x S x S); resume from ``out_dir/state.json``.
 
     Every epoch ends with an atomic checkpoint, so a killed run continues from
     the last finished epoch (same settings required) and ends with the same
@@ -222,22 +244,15 @@ def pretrain(
     optimizer = torch.optim.AdamW(mim.parameters(), lr=settings.lr, weight_decay=settings.weight_decay,
                                   betas=(0.9, 0.95))
     steps_per_epoch = math.ceil(len(images) / settings.batch_size)
-    warmup_fraction = settings.warmup_epochs / max(settings.epochs, 1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, cosine_with_warmup(settings.epochs * steps_per_epoch, warmup_fraction))
     key = _settings_key(model_name, image_size, settings, len(images))
-    state_path = out_dir / "state.pt"
+    if (out_dir / LEGACY_STATE).exists():
+        logger.warning("pretrain: ignoring %s (an older version's pickle, never loaded); delete it",
+                       out_dir / LEGACY_STATE)
     start_epoch, losses, speeds = 0, [], []
-    if state_path.is_file():
-        state = torch.load(state_path, map_location=dev, weights_only=False)
-        if state["key"] != key:
-            raise ValueError(f"pretrain state {state_path}: made with other settings; "
-                             f"use another --out or delete it ({_diff(state['key'], key)})")
-        mim.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        start_epoch, losses, speeds = state["epoch"], state["losses"], state["images_per_second"]
+    if (out_dir / STATE_JSON).is_file():
+        start_epoch, losses, speeds = load_state(out_dir, key, settings.epochs, steps_per_epoch, mim, optimizer)
         logger.info("pretrain: resuming %s from epoch %d of %d", settings.method, start_epoch, settings.epochs)
+    schedule = _lr_schedule(optimizer, settings, steps_per_epoch, start_epoch * steps_per_epoch)
 
     ratio = settings.effective_mask_ratio
     for epoch in range(start_epoch, settings.epochs):
@@ -259,9 +274,8 @@ def pretrain(
         speeds.append(len(images) / (time.perf_counter() - started))
         logger.info("pretrain %s epoch %d/%d: loss %.4f, %.0f images/s", settings.method, epoch + 1,
                     settings.epochs, losses[-1], speeds[-1])
-        _save_atomic(state_path, {"key": key, "epoch": epoch + 1, "model": mim.state_dict(),
-                                  "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                                  "losses": losses, "images_per_second": speeds})
+        save_state(out_dir, mim, optimizer, {"key": key, "epoch": epoch + 1, "losses": losses,
+                                             "images_per_second": speeds})
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, losses[-1])
 
@@ -272,16 +286,141 @@ def pretrain(
     (out_dir / "log.json").write_text(json.dumps({**key, "losses": losses, "images_per_second": speeds}, indent=2))
     spread = torch.linspace(0, len(images) - 1, 6).long()  # across the corpus, not one dataset
     save_reconstruction_figure(mim, images[spread], ratio, settings.seed, out_dir / "reconstruction.png")
-    return PretrainResult(encoder_path, settings.epochs, losses, speeds)
+    return PretrainResult(encoder_path, losses, speeds)
+
+
+def _lr_schedule(optimizer: torch.optim.Optimizer, settings: PretrainSettings, steps_per_epoch: int,
+                 done_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up + cosine per step, positioned after ``done_steps`` steps (the lr is a pure function of it)."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = settings.lr  # what LambdaLR needs to start part-way
+    factor = cosine_with_warmup(settings.epochs * steps_per_epoch, settings.warmup_epochs / max(settings.epochs, 1))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=done_steps - 1)
+
+
+# ------------------------------------------------------------------ resume state (untrusted on read)
+def save_state(out_dir: Path, mim: MaskedImageModel, optimizer: torch.optim.Optimizer, progress: dict) -> None:
+    """Tensors, then the JSON: a ``state.json`` only ever sits next to the tensors it describes."""
+    (out_dir / STATE_JSON).unlink(missing_ok=True)  # a kill before the new JSON lands restarts, never mixes
+    tensors = {**_prefixed("model/", mim.state_dict()), **_optimizer_tensors(optimizer)}
+    _write_atomic(out_dir / STATE_TENSORS,
+                  lambda tmp: save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp)))
+    _write_atomic(out_dir / STATE_JSON, lambda tmp: tmp.write_text(json.dumps(progress)))
+
+
+def load_state(out_dir: Path, key: dict, epochs: int, steps_per_epoch: int, mim: MaskedImageModel,
+               optimizer: torch.optim.Optimizer) -> tuple[int, list[float], list[float]]:
+    """Validate ``state.json`` + ``state.safetensors`` against this run, load them into ``mim`` and
+    ``optimizer``; returns (epochs done, losses, images/s). Any problem: a one-line ``ValueError``."""
+    progress = read_progress(out_dir / STATE_JSON, key, epochs)
+    epoch = progress["epoch"]
+    tensors_path = out_dir / STATE_TENSORS
+    tensors = read_tensors(tensors_path, _expected_tensors(mim, optimizer))
+    steps = {float(v) for k, v in tensors.items() if k.endswith("/step")}
+    if steps != {float(epoch * steps_per_epoch)}:
+        raise ValueError(f"pretrain state {tensors_path}: optimizer steps {sorted(steps)[:3]} do not match "
+                         f"epoch {epoch} x {steps_per_epoch} steps in {STATE_JSON}")
+    mim.load_state_dict(_unprefixed("model/", tensors), strict=True)
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in _unprefixed("optimizer/", tensors).items():
+        index, field = name.split("/")
+        per_param.setdefault(int(index), {})[field] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": optimizer.state_dict()["param_groups"]})
+    return epoch, progress["losses"], progress["images_per_second"]
+
+
+def read_progress(path: Path, key: dict, epochs: int) -> dict:
+    """``state.json``, checked field by field: it must describe a run with exactly these settings."""
+    try:
+        progress = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise ValueError(f"pretrain state {path}: cannot read ({err})") from None
+    problem = _progress_problem(progress, key, epochs)
+    if problem:
+        raise ValueError(f"pretrain state {path}: {problem}")
+    return progress
+
+
+def _progress_problem(progress: object, key: dict, epochs: int) -> str:
+    if not isinstance(progress, dict) or sorted(progress) != sorted(PROGRESS_FIELDS):
+        return f"not an object with exactly the fields {list(PROGRESS_FIELDS)}"
+    if not isinstance(progress["key"], dict):
+        return "'key' is not an object"
+    if progress["key"] != key:
+        return f"made with other settings; use another --out or delete it ({_diff(progress['key'], key)})"
+    epoch = progress["epoch"]
+    if type(epoch) is not int or not 1 <= epoch <= epochs:
+        return f"epoch {epoch!r:.40} is not an integer in 1..{epochs}"
+    for field in ("losses", "images_per_second"):
+        if not _finite_floats(progress[field], epoch):
+            return f"'{field}' is not a list of {epoch} finite numbers"
+    return ""
+
+
+def _finite_floats(values: object, length: int) -> bool:
+    return isinstance(values, list) and len(values) == length and \
+        all(type(v) is float and math.isfinite(v) for v in values)
+
+
+def read_tensors(path: Path, expected: dict[str, tuple[torch.Size, torch.dtype]]) -> dict[str, torch.Tensor]:
+    """A safetensors file whose names, shapes and dtypes are exactly ``expected``, all values finite."""
+    try:
+        tensors = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"pretrain state {path}: cannot read ({err})") from None
+    problem = _tensors_problem(tensors, expected)
+    if problem:
+        raise ValueError(f"pretrain state {path}: {problem}")
+    return tensors
+
+
+def _tensors_problem(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[torch.Size, torch.dtype]]) -> str:
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        return f"does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+    wrong = [f"{k} {tuple(t.shape)} {t.dtype} != {tuple(expected[k][0])} {expected[k][1]}"
+             for k, t in tensors.items() if (t.shape, t.dtype) != expected[k]]
+    if wrong:
+        return f"does not fit the model: shape/dtype {wrong[:3]}"
+    not_finite = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
+    if not_finite:
+        return f"non-finite values in {not_finite[:3]}"
+    return ""
+
+
+def _expected_tensors(mim: MaskedImageModel,
+                      optimizer: torch.optim.Optimizer) -> dict[str, tuple[torch.Size, torch.dtype]]:
+    """What ``save_state`` writes for this model: its state dict and AdamW's state (amsgrad off) of
+    every parameter (all are trained, so all have state after the first step)."""
+    expected = {k: (v.shape, v.dtype) for k, v in _prefixed("model/", mim.state_dict()).items()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, param in enumerate(params):
+        expected[f"optimizer/{index}/exp_avg"] = expected[f"optimizer/{index}/exp_avg_sq"] = (param.shape, param.dtype)
+        expected[f"optimizer/{index}/step"] = (torch.Size(), torch.float32)  # AdamW's step count: a float32 scalar
+    return expected
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """AdamW's per-parameter state as flat names ``optimizer/<param index>/<field>``."""
+    return {f"optimizer/{index}/{field}": value for index, state in optimizer.state_dict()["state"].items()
+            for field, value in state.items()}
+
+
+def _prefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in tensors.items()}
+
+
+def _unprefixed(prefix: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
 
 def _diff(old: dict, new: dict) -> str:
-    return ", ".join(f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in new if old.get(k) != new[k])
+    return ", ".join(f"{k}: {old.get(k)!r:.40} -> {new[k]!r}" for k in new if old.get(k) != new[k])
 
 
-def _save_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(payload, tmp)
+def _write_atomic(path: Path, write: Callable[[Path], object]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    write(tmp)
     tmp.replace(path)
 
 
@@ -324,7 +463,7 @@ def main(argv: list[str] | None = None) -> None:
     from .data.corpus import load_corpus
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--method", choices=METHODS, default="mae")
+    parser.add_argument("--method", choices=list(METHODS), default="mae")
     parser.add_argument("--model", default="vit-micro")
     parser.add_argument("--image-size", type=int, default=28)
     parser.add_argument("--datasets", default="fundus-vessel,histology-stain,brain-tissue,ct-tissue",

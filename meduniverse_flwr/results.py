@@ -1,11 +1,12 @@
 """Run outputs: ``results.json`` (rewritten after every stage), stage checkpoints and the gain plot.
 
-Layout under ``<output-dir>/<run-name>/`` (``<output-dir>/latest`` points at the newest run):
+Layout under ``<output-dir>/<run-name>/`` (``<output-dir>/latest`` points at the newest completed run):
 ``results.json``, ``accuracy_gain.png``, ``checkpoints/stage-<s>.safetensors``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -17,27 +18,33 @@ import torch
 
 from .metrics import paired_p_value
 from .model import save_backbone
-from .strategy import StageLog
+from .outcome import StageOutcome
+from .validation import safe_label
 
 
-def _mean(values: list[float]) -> float | None:
-    return float(np.mean(values)) if values else None
+def _mean(values: list[float | None]) -> float | None:
+    """The mean, or None when there is nothing to average or a task's score is missing."""
+    return float(np.mean(values)) if values and None not in values else None
 
 
-def stage_entry(stage: int, log: StageLog, seconds: float) -> dict[str, Any]:
+def stage_entry(stage: int, outcome: StageOutcome, seconds: float) -> dict[str, Any]:
     """One item of ``results.json``'s ``stages`` list."""
-    trained = [m["accuracy"] for m in log.per_task.values() if not m["held_out"]]
-    held_out = [m["accuracy"] for m in log.per_task.values() if m["held_out"]]
+    trained = [m["accuracy"] for m in outcome.per_task.values() if not m["held_out"]]
+    held_out = [m["accuracy"] for m in outcome.per_task.values() if m["held_out"]]
     entry: dict[str, Any] = {
         "stage": stage,
-        "participants": log.participants,
-        "per_task": log.per_task,
+        "participants": outcome.participants,
+        "per_task": outcome.per_task,
         "mean_accuracy": _mean(trained),
     }
     if held_out:
         entry["mean_accuracy_held_out"] = _mean(held_out)
-    entry.update({"train_loss": log.train_loss, "rejected": log.rejected, "bytes_up": log.bytes_up,
-                  "bytes_down": log.bytes_down, "seconds": round(seconds, 3)})
+    missing = sorted(name for name, m in outcome.per_task.items() if m["accuracy"] is None)
+    if missing:
+        entry["missing_tasks"] = missing
+    entry.update({"train_loss": outcome.train_loss, "rejected": outcome.rejected,
+                  "nodes": [dataclasses.asdict(report) for report in outcome.nodes],
+                  "bytes_up": outcome.bytes_up, "bytes_down": outcome.bytes_down, "seconds": round(seconds, 3)})
     return entry
 
 
@@ -46,9 +53,10 @@ def summarize(stages: list[dict[str, Any]]) -> dict[str, Any]:
     base, last = stages[0], stages[-1]
     gains = [None if s["mean_accuracy"] is None or base["mean_accuracy"] is None
              else s["mean_accuracy"] - base["mean_accuracy"] for s in stages]
-    tasks = [t for t, m in base["per_task"].items() if not m["held_out"] and t in last["per_task"]]
+    tasks = [t for t, m in base["per_task"].items() if not m["held_out"]]
     p_value = None
-    if len(stages) > 1:
+    scored = all(t in s["per_task"] and s["per_task"][t]["accuracy"] is not None for t in tasks for s in (base, last))
+    if len(stages) > 1 and scored:
         p_value = paired_p_value([last["per_task"][t]["accuracy"] for t in tasks],
                                  [base["per_task"][t]["accuracy"] for t in tasks])
     return {"accuracy_gain": gains, "p_value": p_value, "p_value_test": "paired t-test over tasks, final stage vs 0"}
@@ -90,22 +98,18 @@ class RunOutputs:
     @classmethod
     def create(cls, output_dir: Path, run_name: str, config: dict[str, Any]) -> "RunOutputs":
         root = Path(output_dir)
-        (root / run_name).mkdir(parents=True, exist_ok=False)
-        tmp = root / f".latest-{run_name}"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(run_name, target_is_directory=True)
-        os.replace(tmp, root / "latest")
+        try:
+            (root / run_name).mkdir(parents=True, exist_ok=False)
+        except OSError as err:
+            raise ValueError(f"output-dir: cannot create {root / run_name} ({err.strerror})") from None
         return cls(root / run_name, config, [])
 
     @classmethod
     def resume(cls, run_dir: Path, config: dict[str, Any]) -> "RunOutputs":
         """Reopen a run directory to continue after its last completed stage; ValueError says why not."""
         path = Path(run_dir).expanduser() / "results.json"
-        try:
-            previous = json.loads(path.read_text())
-            stages, old_config = previous["stages"], previous["config"]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"resume-from: {path} is not a readable results.json ({err})") from None
+        previous = read_results(path)
+        stages, old_config = previous["stages"], previous["config"]
         if not stages:
             raise ValueError(f"resume-from: {path} has no completed stage")
         changed = sorted(k for k in config if k not in RESUME_MAY_DIFFER and old_config.get(k) != config[k])
@@ -136,6 +140,14 @@ class RunOutputs:
         save_backbone(path, backbone, metadata)
         return path
 
+    def mark_latest(self) -> None:
+        """Point ``<output-dir>/latest`` at this run, atomically; called when the run completes, so a
+        run that fails never takes the link from the last good one."""
+        tmp = self.dir.parent / f".latest-{self.dir.name}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(self.dir.name, target_is_directory=True)
+        os.replace(tmp, self.dir.parent / "latest")
+
     def plot(self) -> Path:
         path = self.dir / "accuracy_gain.png"
         plot_accuracy_gain(self.stages, summarize(self.stages), path)
@@ -152,10 +164,13 @@ def plot_accuracy_gain(stages: list[dict[str, Any]], summary: dict[str, Any], pa
     x = [s["stage"] for s in stages]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for task, base in stages[0]["per_task"].items():
-        ys = [100 * (s["per_task"][task]["accuracy"] - base["accuracy"]) if task in s["per_task"] else np.nan
+        ys = [100 * (s["per_task"][task]["accuracy"] - base["accuracy"])
+              if s["per_task"].get(task, {}).get("accuracy") is not None and base["accuracy"] is not None else np.nan
               for s in stages]
         style = ":" if base["held_out"] else "-"
-        ax.plot(x, ys, style, marker=".", alpha=0.5, label=task + (" (held out)" if base["held_out"] else ""))
+        # names come from nodes: escaped, so that '$' or '\' cannot start mathtext
+        ax.plot(x, ys, style, marker=".", alpha=0.5,
+                label=safe_label(task) + (" (held out)" if base["held_out"] else ""))
     gains = [np.nan if g is None else 100 * g for g in summary["accuracy_gain"]]
     ax.bar(x, gains, color="tab:blue", alpha=0.35, label="mean gain (trained tasks)")
     ax.axhline(0, color="black", linewidth=0.8)
@@ -170,3 +185,71 @@ def plot_accuracy_gain(stages: list[dict[str, Any]], summary: dict[str, Any], pa
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+
+
+# ------------------------------------------------------------------ reading results.json back
+MAX_RESULTS_BYTES = 64 * 2**20  # a results.json of thousands of stages is a few MB
+
+
+def read_results(path: Path) -> dict[str, Any]:
+    """A ``results.json`` read back (to resume, to summarise, to report), checked as untrusted:
+    the types and ranges of every field that is used, stages numbered 0, 1, ... in order.
+    ValueError with one line naming the file and the field otherwise."""
+    try:
+        if path.stat().st_size > MAX_RESULTS_BYTES:
+            raise ValueError(f"larger than {MAX_RESULTS_BYTES} bytes")
+        payload = json.loads(path.read_text(), parse_constant=_no_constant)
+        _check_results(payload)
+    except (OSError, ValueError, RecursionError) as err:
+        raise ValueError(f"{path}: not a valid results.json ({_first_line(err)})") from None
+    return payload
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:200]
+
+
+def _expect(ok: bool, where: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ValueError(f"{where} = {str(value)[:40]!r}: {why}")
+
+
+def _is_number(value: Any, low: float = -math.inf, high: float = math.inf, none: bool = False) -> bool:
+    if value is None:
+        return none
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+
+
+def _check_results(payload: Any) -> None:
+    _expect(isinstance(payload, dict), "top level", type(payload).__name__, "must be an object")
+    _expect(isinstance(payload.get("config"), dict), "config", payload.get("config"), "must be an object")
+    stages = payload.get("stages")
+    _expect(isinstance(stages, list), "stages", stages, "must be a list")
+    for index, stage in enumerate(stages):
+        where = f"stages[{index}]"
+        _expect(isinstance(stage, dict), where, stage, "must be an object")
+        _expect(stage.get("stage") == index and isinstance(stage.get("stage"), int), f"{where}.stage",
+                stage.get("stage"), f"must be {index} (stages in order from 0)")
+        _expect(_is_number(stage.get("mean_accuracy"), 0, 1, none=True), f"{where}.mean_accuracy",
+                stage.get("mean_accuracy"), "must be a number in [0, 1] or null")
+        for key in ("participants", "rejected"):
+            _expect(isinstance(stage.get(key), list) and all(isinstance(v, str) for v in stage[key]),
+                    f"{where}.{key}", stage.get(key), "must be a list of strings")
+        for key in ("bytes_up", "bytes_down"):
+            _expect(_is_number(stage.get(key), 0) and isinstance(stage[key], int), f"{where}.{key}", stage.get(key),
+                    "must be an integer >= 0")
+        _expect(_is_number(stage.get("seconds"), 0), f"{where}.seconds", stage.get("seconds"), "must be a number >= 0")
+        per_task = stage.get("per_task")
+        _expect(isinstance(per_task, dict), f"{where}.per_task", per_task, "must be an object")
+        for task, scores in per_task.items():
+            at = f"{where}.per_task[{task[:40]!r}]"
+            _expect(isinstance(scores, dict), at, scores, "must be an object")
+            for key in ("accuracy", "auc"):
+                _expect(_is_number(scores.get(key), 0, 1, none=True), f"{at}.{key}", scores.get(key),
+                        "must be a number in [0, 1] or null")
+            _expect(isinstance(scores.get("held_out"), bool), f"{at}.held_out", scores.get("held_out"),
+                    "must be true or false")

@@ -12,7 +12,7 @@ from logging import ERROR, INFO
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -22,7 +22,7 @@ from .data.corpus import load_corpus
 from .model import create_backbone, load_backbone
 from .pretrain import METHODS, PretrainSettings, pretrain
 from .results import RunOutputs, stage_entry
-from .strategy import StageFailed, StageWise
+from .strategy import STRATEGIES, StageFailed
 
 app = ServerApp()
 
@@ -35,7 +35,7 @@ def initial_base(config: RunConfig) -> dict[str, torch.Tensor]:
         return create_backbone(config.model, config.image_size).state_dict()
     if config.pretrain in METHODS:
         # held-out domains stay unseen, test splits are never used
-        corpus = load_corpus(config.training_datasets, options_from(config))
+        corpus = load_corpus(config.training_datasets, options_from(vars(config), config.image_size))
         settings = PretrainSettings(method=config.pretrain, epochs=config.pretrain_epochs, seed=config.seed)
         log(INFO, "pretraining the base: %s, %d epochs on %d unlabeled images", config.pretrain,
             config.pretrain_epochs, len(corpus))
@@ -66,7 +66,8 @@ def format_table(stages: list[dict]) -> str:
     rows = [header, "-" * len(header)]
     for s in stages:
         mean = "   -    " if s["mean_accuracy"] is None else f"{s['mean_accuracy']:8.4f}"
-        cells = [f"{s['per_task'][t]['accuracy']:.4f}" if t in s["per_task"] else "-" for t in tasks]
+        scores = [s["per_task"].get(t, {}).get("accuracy") for t in tasks]
+        cells = ["-" if score is None else f"{score:.4f}" for score in scores]
         rows.append(f"{s['stage']:5d} | {mean} | " + " | ".join(cells))
     return "\n".join(rows)
 
@@ -76,8 +77,8 @@ def open_outputs(config: RunConfig, run_id: int) -> tuple[RunOutputs, dict[str, 
     last completed stage's base."""
     if not config.resume_from:
         run_name = f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-run{run_id}"
-        base = initial_base(config)
-        return RunOutputs.create(Path(config.output_dir), run_name, config.to_run_config()), base
+        outputs = RunOutputs.create(Path(config.output_dir), run_name, config.to_run_config())  # before pretraining
+        return outputs, initial_base(config)
     outputs = RunOutputs.resume(Path(config.resume_from), config.to_run_config())
     last = outputs.stages[-1]["stage"]
     log(INFO, "resuming %s after stage %d", outputs.dir, last)
@@ -94,9 +95,7 @@ def main(grid: Grid, context: Context) -> None:
         raise
     log(INFO, "MedUniverse run: outputs in %s", outputs.dir.resolve())
 
-    strategy = StageWise(config.clients_per_stage, config.aggregation, config.server_mix, config.seed,
-                         config.held_out, config.stage_timeout, config.transport_dtype, config.oversample,
-                         config.min_replies)
+    strategy = STRATEGIES[config.strategy](config)
     strategy.summary()
     if not strategy.query_cards(grid):
         raise RuntimeError("no node answered the task-card query; nothing to train")
@@ -104,20 +103,13 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "node %d: %s (%s, %d classes, %s, %d train)", node, card.name, card.modality,
             card.n_classes, card.label_kind, card.n_train)
 
-    train_config = ConfigRecord({"local-epochs": config.local_epochs, "lr": config.lr,
-                                 "weight-decay": config.weight_decay, "batch-size": config.batch_size})
-    evaluate_config = ConfigRecord({"eval-mode": config.eval_mode, "probe-epochs": config.probe_epochs,
-                                    "eval-epochs": config.eval_epochs, "lr": config.lr,
-                                    "weight-decay": config.weight_decay, "batch-size": config.batch_size})
     arrays = ArrayRecord(base)
 
     def finish_stage(stage: int, started: float) -> None:
-        replies = grid.send_and_receive(strategy.configure_evaluate(stage, arrays, evaluate_config, grid),
-                                        timeout=config.stage_timeout)
-        strategy.aggregate_evaluate(stage, replies)
-        entry = stage_entry(stage, strategy.new_log(), time.monotonic() - started)
-        outputs.save_checkpoint(stage, arrays.to_torch_state_dict())
-        outputs.add_stage(entry)
+        outputs.save_checkpoint(stage, arrays.to_torch_state_dict())  # the trained base is kept, whatever follows
+        strategy.run_evaluation(grid, stage, arrays)
+        outputs.add_stage(stage_entry(stage, strategy.take_outcome(), time.monotonic() - started))
+        entry = outputs.stages[-1]
         log(INFO, "stage %d: mean accuracy %s, %.1fs", stage, entry["mean_accuracy"], entry["seconds"])
 
     if not outputs.stages:
@@ -126,7 +118,7 @@ def main(grid: Grid, context: Context) -> None:
         started = time.monotonic()
         log(INFO, "[STAGE %d/%d]", stage, config.num_stages)
         try:
-            arrays, _ = strategy.run_train_stage(grid, stage, arrays, train_config)
+            arrays, _ = strategy.run_train_stage(grid, stage, arrays)
         except StageFailed as err:
             log(ERROR, "%s; results up to stage %d are kept in %s (resume-from continues there)",
                 err, stage - 1, outputs.dir)
@@ -134,5 +126,6 @@ def main(grid: Grid, context: Context) -> None:
         finish_stage(stage, started)
 
     plot = outputs.plot()
-    log(INFO, "per-stage accuracy (linear probe = %s):\n%s", config.eval_mode, format_table(outputs.stages))
+    outputs.mark_latest()
+    log(INFO, "per-stage accuracy (%s):\n%s", config.eval_mode, format_table(outputs.stages))
     log(INFO, "results: %s  plot: %s", outputs.results_path.resolve(), plot.resolve())

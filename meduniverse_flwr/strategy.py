@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import math
 import time
+import dataclasses
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
@@ -28,12 +28,18 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.common import log
+from flwr.common.constant import SUPERLINK_NODE_ID
 
-from .aggregation import RunningAggregate, check_update, mix
+from .aggregation import RunningAggregate, mix
+from .config import RunConfig
 from .data import TaskCard
-from .messages import pack, to_numpy, to_record, unpack
+from .messages import Instructions, pack, to_numpy, to_record, unpack
 from .model import new_head_state
+from .outcome import NodeReport, StageOutcome
 from .seeds import derive_seed
+from .task import EVAL_PROTOCOLS
+from .validation import (EvalScore, Rejected, TrainUpdate, admit_cards, check_eval_reply, check_train_reply,
+                         parse_card)
 
 # Seconds between pulls while waiting for replies: short right after a reply (the in-memory
 # simulation grid answers at once), backing off to PULL_MAX so that a deployed SuperLink is
@@ -45,48 +51,34 @@ class StageFailed(RuntimeError):
     """A stage ended (K replies never came before the timeout) with too few valid replies."""
 
 
-@dataclass
-class StageLog:
-    """What happened in one stage, for results.json."""
-
-    participants: list[str] = field(default_factory=list)
-    rejected: list[str] = field(default_factory=list)
-    bytes_up: int = 0
-    bytes_down: int = 0
-    train_loss: float | None = None
-    per_task: dict[str, dict] = field(default_factory=dict)
-
-
 class StageWise(Strategy):
     """Stage-wise aggregation of backbones from clients with different task heads."""
 
-    def __init__(
-        self,
-        clients_per_stage: int,
-        aggregation: str = "weighted",
-        server_mix: float = 1.0,
-        seed: int = 0,
-        held_out: Iterable[str] = (),
-        timeout: float = 3600.0,
-        transport_dtype: str = "fp32",
-        oversample: float = 1.0,
-        min_replies: int = 1,
-    ) -> None:
-        self.clients_per_stage = clients_per_stage
-        self.aggregation = aggregation
-        self.server_mix = server_mix
-        self.seed = seed
-        self.held_out = frozenset(held_out)
-        self.timeout = timeout
-        self.transport_dtype = transport_dtype
-        self.oversample = oversample
-        self.min_replies = min_replies
+    def __init__(self, config: RunConfig) -> None:
+        self.clients_per_stage = config.clients_per_stage
+        self.aggregation = config.aggregation
+        self.server_mix = config.server_mix
+        self.seed = config.seed
+        self.held_out = frozenset(config.held_out)
+        self.timeout = config.stage_timeout
+        self.transport_dtype = config.transport_dtype
+        self.oversample = config.oversample
+        self.min_replies = config.min_replies
+        self.max_update_ratio = config.max_update_ratio
+        self.on_excess_update = config.on_excess_update
+        self.train_instructions = Instructions(
+            config.model, config.image_size, config.transport_dtype, config.device, config.local_epochs, config.lr,
+            config.weight_decay, config.batch_size, config.seed, config.eval_mode, config.node_metrics)
+        epochs_key = EVAL_PROTOCOLS[config.eval_mode].epochs_key
+        self.evaluate_instructions = dataclasses.replace(self.train_instructions,
+                                                         epochs=config.to_run_config()[epochs_key])
         self.cards: dict[int, TaskCard] = {}
-        self.log = StageLog()
+        self.outcome = StageOutcome()
         self._base: dict[str, np.ndarray] = {}
-        self._running = RunningAggregate(aggregation)
+        self._running = RunningAggregate(self.aggregation)
         self._replied: set[int] = set()
         self._train_nodes: dict[int, TaskCard] = {}
+        self._outbox: list[Message] = []  # the messages last sent (ids set by the grid on push)
         self._loss_sum = 0.0
 
     def summary(self) -> None:
@@ -99,18 +91,23 @@ class StageWise(Strategy):
     def query_cards(self, grid: Grid) -> dict[int, TaskCard]:
         """Ask every connected node for its task card; nodes with a bad card are left out."""
         node_ids = sorted(grid.get_node_ids())
-        messages = [Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in node_ids]
-        self.cards = {}
+        messages = [Message(RecordDict({"config": ConfigRecord({"image-size": self.train_instructions.image_size})}),
+                            dst_node_id=node, message_type=MessageType.QUERY) for node in node_ids]
+        parsed: dict[int, TaskCard] = {}
+        self._outbox = messages
         for reply in grid.send_and_receive(messages, timeout=self.timeout):
-            node = reply.metadata.src_node_id
+            node = self._sender(reply)
             try:
                 if reply.has_error():
-                    raise ValueError(f"error reply ({reply.error.reason})")
+                    raise Rejected(f"error reply ({reply.error.reason})")
                 if "card" not in reply.content.config_records:
-                    raise ValueError("no 'card' record in the reply")
-                self.cards[node] = TaskCard.from_record(reply.content.config_records["card"])
-            except ValueError as err:
+                    raise Rejected("no 'card' record in the reply")
+                parsed[node] = parse_card(reply.content.config_records["card"])
+            except Rejected as err:
                 log(WARNING, "node %d: task card rejected: %s", node, err)
+        self.cards, refused = admit_cards(parsed)
+        for node, reason in refused.items():
+            log(WARNING, "node %d: task card rejected: %s", node, reason)
         missing = set(node_ids) - set(self.cards)
         if missing:
             log(WARNING, "no valid task card from nodes %s; they take no part", sorted(missing))
@@ -145,31 +142,36 @@ class StageWise(Strategy):
             card = self.cards[node]
             head_seed = derive_seed(self.seed, server_round, "head", card.name)
             head = pack(new_head_state(self._embed_dim(), card.n_classes, head_seed), self.transport_dtype)
-            content = RecordDict({
-                "arrays": ArrayRecord({**base, **head}),
-                "config": ConfigRecord({**dict(config), "stage": server_round,
-                                        "seed": derive_seed(self.seed, server_round, "train", card.name)}),
-            })
-            self.log.bytes_down += content.array_records["arrays"].count_bytes()
+            sent = dataclasses.replace(self.train_instructions,
+                                       seed=derive_seed(self.seed, server_round, "train", card.name))
+            content = RecordDict({"arrays": ArrayRecord({**base, **head}),
+                                  "config": ConfigRecord({**sent.to_record(), **dict(config)})})
+            self.outcome.bytes_down += content.array_records["arrays"].count_bytes()
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
                                     group_id=f"stage-{server_round}"))
+        self._outbox = messages
         return messages
 
     def accept_train_reply(self, reply: Message) -> bool:
         """Validate one reply and fold it into the running aggregate; log why if rejected."""
-        node = reply.metadata.src_node_id
+        node = self._sender(reply)
         self._replied.add(node)
-        arrays, reason = self._decode_train_reply(reply)
-        if reason is not None:
-            self.log.rejected.append(f"node {node}: {reason}")
+        try:
+            update = self._check_train_reply(reply)
+        except Rejected as reason:
+            self.outcome.rejected.append(f"node {node}: {reason}")
             log(WARNING, "stage reply from node %d rejected: %s", node, reason)
             return False
-        self.log.bytes_up += reply.content.array_records["arrays"].count_bytes()
-        metrics = reply.content.metric_records["metrics"]
-        self._running.add(arrays, float(metrics["num-examples"]))
-        loss = metrics.get("train-loss")  # optional; a malformed one is not worth rejecting the update
-        self._loss_sum += float(loss) if isinstance(loss, (int, float)) else math.nan
-        self.log.participants.append(self._train_nodes[node].name)
+        if update.excess is not None:
+            log(WARNING, "stage reply from node %d: %s", node, update.excess)
+        self.outcome.bytes_up += reply.content.array_records["arrays"].count_bytes()
+        self._running.add(update.arrays, update.num_examples)
+        # a missing train-loss is not worth rejecting the update; the stage's mean says it is unknown
+        self._loss_sum += math.nan if update.train_loss is None else update.train_loss
+        task = self._train_nodes[node].name
+        self.outcome.participants.append(task)
+        self.outcome.nodes.append(NodeReport(node, task, update.train_loss, update.val_accuracy, update.val_auc,
+                                             update.seconds, round(update.update_ratio, 6), update.clipped))
         return True
 
     def finish_stage(self, server_round: int) -> tuple[ArrayRecord, MetricRecord]:
@@ -177,30 +179,31 @@ class StageWise(Strategy):
         count = self._running.count
         if count < self.min_replies:
             raise StageFailed(f"stage {server_round}: {count} valid replies, fewer than min-replies="
-                              f"{self.min_replies}; rejected: {self.log.rejected or 'none'}")
+                              f"{self.min_replies}; rejected: {self.outcome.rejected or 'none'}")
         if count < min(self.clients_per_stage, len(self._train_nodes)):
             log(WARNING, "stage %d ends with %d of %d replies", server_round, count, self.clients_per_stage)
         new_base = mix(self._base, self._running.result(), self.server_mix)
-        self.log.participants.sort()
-        self.log.train_loss = self._loss_sum / count
+        self.outcome.participants.sort()
+        self.outcome.nodes.sort(key=lambda report: (report.task, report.node))
+        self.outcome.train_loss = self._loss_sum / count
         self._running = RunningAggregate(self.aggregation)  # free the sums now
-        return to_record(new_base), MetricRecord({"replies": count, "train-loss": self.log.train_loss})
+        return to_record(new_base), MetricRecord({"replies": count, "train-loss": self.outcome.train_loss})
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         for reply in replies:
             if self._running.count >= self.clients_per_stage:
-                log(INFO, "stage %d: late reply from node %d dropped", server_round, reply.metadata.src_node_id)
+                log(INFO, "stage %d: late reply from node %d dropped", server_round, self._sender(reply))
                 continue
             self.accept_train_reply(reply)
         return self.finish_stage(server_round)
 
     def run_train_stage(
-        self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord
+        self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord | None = None
     ) -> tuple[ArrayRecord, MetricRecord]:
         """Streaming stage: push, then fold replies one by one as they arrive; stop at K."""
-        pending = set(grid.push_messages(self.configure_train(server_round, arrays, config, grid)))
+        pending = set(grid.push_messages(self.configure_train(server_round, arrays, config or ConfigRecord(), grid)))
         target = min(self.clients_per_stage, len(self._train_nodes))
         deadline = time.monotonic() + self.timeout
         interval = PULL_MIN
@@ -234,51 +237,66 @@ class StageWise(Strategy):
         sent = pack(to_numpy(arrays), self.transport_dtype)
         for node in sorted(self.cards):
             card = self.cards[node]
-            content = RecordDict({
-                "arrays": sent,
-                "config": ConfigRecord({**dict(config), "stage": server_round,
-                                        "seed": derive_seed(self.seed, "evaluate", card.name)}),
-            })
-            self.log.bytes_down += sent.count_bytes()
+            instructions = dataclasses.replace(self.evaluate_instructions,
+                                               seed=derive_seed(self.seed, "evaluate", card.name))
+            content = RecordDict({"arrays": sent, "config": ConfigRecord({**instructions.to_record(), **dict(config)})})
+            self.outcome.bytes_down += sent.count_bytes()
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE,
                                     group_id=f"evaluate-{server_round}"))
+        self._outbox = messages
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Per-task metrics (example-weighted over nodes sharing a task) into ``self.log.per_task``."""
-        sums: dict[str, dict[str, float]] = {}
+        """Per-task scores (example-weighted over nodes sharing a task) into ``self.outcome.per_task``.
+
+        Every task with a card gets an entry; one without a valid reply is marked missing, with
+        the reasons, so that no mean is quietly computed over fewer tasks.
+        """
+        scores: dict[str, list[EvalScore]] = {card.name: [] for card in self.cards.values()}
+        problems: dict[str, list[str]] = {name: [] for name in scores}
         replied = set()
         for reply in replies:
-            node = reply.metadata.src_node_id
+            node = self._sender(reply)
             replied.add(node)
-            reason = _evaluate_reply_problem(reply, self.cards.get(node))
-            if reason is not None:
+            try:
+                score = _check_evaluate_reply(reply, self.cards.get(node))
+            except Rejected as reason:
                 log(WARNING, "evaluation reply from node %d rejected: %s", node, reason)
+                if node in self.cards:
+                    problems[self.cards[node].name].append(f"node {node}: {reason}")
                 continue
-            metrics = reply.content.metric_records["metrics"]
-            n_test = float(metrics["n-test"])
-            task = sums.setdefault(self.cards[node].name, {"accuracy": 0.0, "auc": 0.0, "n_test": 0.0})
-            task["accuracy"] += float(metrics["accuracy"]) * n_test
-            task["auc"] += float(metrics["auc"]) * n_test
-            task["n_test"] += n_test
+            scores[self.cards[node].name].append(score)
         silent = set(self.cards) - replied
-        if silent:  # a dead or hung node: the stage goes on without its task's score
+        if silent:  # a dead or hung node: the stage goes on without its score
             log(WARNING, "stage %d evaluation: no reply before the timeout from nodes %s", server_round,
                 self._describe(silent))
-        self.log.per_task = {
-            name: {"accuracy": s["accuracy"] / s["n_test"], "auc": s["auc"] / s["n_test"],
-                   "n_test": int(s["n_test"]), "held_out": name in self.held_out}
-            for name, s in sorted(sums.items())
-        }
-        if not self.log.per_task:
-            return None
-        return MetricRecord({f"{name}/accuracy": m["accuracy"] for name, m in self.log.per_task.items()})
+            for node in silent:
+                problems[self.cards[node].name].append(f"node {node}: no reply")
+        self.outcome.per_task = {name: task_score(scores[name], problems[name], name in self.held_out)
+                                 for name in sorted(scores)}
+        present = {name: m["accuracy"] for name, m in self.outcome.per_task.items() if m["accuracy"] is not None}
+        return MetricRecord({f"{name}/accuracy": value for name, value in present.items()}) if present else None
+
+    def run_evaluation(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> None:
+        """Score ``arrays`` on every node with a card; per-task results into the stage's outcome."""
+        replies = grid.send_and_receive(self.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+                                        timeout=self.timeout)
+        self.aggregate_evaluate(server_round, replies)
 
     # ---------------------------------------------------------------- helpers
-    def new_log(self) -> StageLog:
-        """Start recording a new stage; returns the finished log of the previous one."""
-        finished, self.log = self.log, StageLog()
+    def take_outcome(self) -> StageOutcome:
+        """The record of the stage that just ended; the next stage starts a fresh one."""
+        finished, self.outcome = self.outcome, StageOutcome()
         return finished
+
+    def _sender(self, reply: Message) -> int:
+        """The node a reply answers for. Flower's own error replies (e.g. node unavailable) come from
+        the SuperLink, not from the node the message was sent to: they count for that node."""
+        sender = reply.metadata.src_node_id
+        if sender != SUPERLINK_NODE_ID:
+            return sender
+        asked = {message.metadata.message_id: message.metadata.dst_node_id for message in self._outbox}
+        return asked.get(reply.metadata.reply_to_message_id, sender)
 
     def _describe(self, nodes: Iterable[int]) -> str:
         """``id (task), ...`` for log lines that name nodes."""
@@ -293,37 +311,45 @@ class StageWise(Strategy):
     def _embed_dim(self) -> int:
         return int(self._base["cls_token"].shape[-1])
 
-    def _decode_train_reply(self, reply: Message) -> tuple[dict[str, np.ndarray], str | None]:
-        """The reply's backbone arrays, or the reason it cannot be aggregated."""
-        node = reply.metadata.src_node_id
+    def _check_train_reply(self, reply: Message) -> TrainUpdate:
+        """The reply's update, fit to aggregate; Rejected says why not."""
+        node = self._sender(reply)
         if node not in self._train_nodes:
-            return {}, "not asked to train in this stage"
+            raise Rejected("not asked to train in this stage")
         if reply.has_error():
-            return {}, f"error reply ({reply.error.reason})"
+            raise Rejected(f"error reply ({reply.error.reason})")
         content = reply.content
         if "arrays" not in content.array_records or "metrics" not in content.metric_records:
-            return {}, "reply lacks the 'arrays' or 'metrics' record"
-        num_examples = content.metric_records["metrics"].get("num-examples")
-        if not isinstance(num_examples, (int, float)) or not math.isfinite(num_examples) or num_examples <= 0:
-            return {}, f"num-examples is {num_examples!r}, expected a positive number"
+            raise Rejected("reply lacks the 'arrays' or 'metrics' record")
         try:
             arrays = unpack(content.array_records["arrays"], self.transport_dtype)
         except Exception as err:  # a malformed payload from one node must not crash the server
-            return {}, f"arrays cannot be decoded ({err})"
-        return arrays, check_update(self._base, arrays)
+            raise Rejected(f"arrays cannot be decoded ({err})") from None
+        return check_train_reply(self._base, arrays, content.metric_records["metrics"], self._train_nodes[node],
+                                 max_update_ratio=self.max_update_ratio, on_excess=self.on_excess_update)
 
 
-def _evaluate_reply_problem(reply: Message, card: TaskCard | None) -> str | None:
+def _check_evaluate_reply(reply: Message, card: TaskCard | None) -> EvalScore:
     if card is None:
-        return "node has no task card"
+        raise Rejected("node has no task card")
     if reply.has_error():
-        return f"error reply ({reply.error.reason})"
+        raise Rejected(f"error reply ({reply.error.reason})")
     if "metrics" not in reply.content.metric_records:
-        return "reply lacks the 'metrics' record"
-    metrics = reply.content.metric_records["metrics"]
-    for key in ("accuracy", "auc", "n-test"):
-        if not isinstance(metrics.get(key), (int, float)):
-            return f"metric '{key}' missing or not a number"
-    if not (0.0 <= metrics["accuracy"] <= 1.0) or metrics["n-test"] <= 0:
-        return f"accuracy {metrics['accuracy']} or n-test {metrics['n-test']} out of range"
-    return None
+        raise Rejected("reply lacks the 'metrics' record")
+    return check_eval_reply(reply.content.metric_records["metrics"], card)
+
+
+def task_score(scores: list[EvalScore], problems: list[str], held_out: bool) -> dict:
+    """One task's entry of ``per_task``: example-weighted over its nodes; ``missing`` if none replied well."""
+    if not scores:
+        return {"accuracy": None, "auc": None, "n_test": 0, "held_out": held_out, "missing": "; ".join(problems)}
+    n_test = sum(score.n_test for score in scores)
+    with_auc = [score for score in scores if score.auc is not None]
+    auc = (sum(score.auc * score.n_test for score in with_auc) / sum(score.n_test for score in with_auc)
+           if with_auc else None)
+    return {"accuracy": sum(score.accuracy * score.n_test for score in scores) / n_test, "auc": auc,
+            "n_test": n_test, "held_out": held_out}
+
+
+# Federation strategies by name (``strategy``): each is built from the run config.
+STRATEGIES = {"stagewise": StageWise}

@@ -7,6 +7,8 @@ batched tensor ops, so the loop never waits on per-sample Python work.
 from __future__ import annotations
 
 import math
+import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -30,6 +32,9 @@ class TrainSettings:
     batch_size: int
     seed: int
     device: torch.device
+
+
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -147,52 +152,65 @@ def linear_probe(
     return score(predict(head, (test_features - mean) / std, 4096, settings.device), test.labels, label_kind)
 
 
-def set_torch_threads(num_threads: int) -> None:
-    """Intra-op threads for this process; 0 keeps torch's default."""
-    if num_threads > 0 and torch.get_num_threads() != num_threads:
-        torch.set_num_threads(num_threads)
-
-
 def train_on_task(
-    model_name: str, image_size: int, task: NodeTask, state: dict[str, torch.Tensor], settings: TrainSettings
+    model_name: str, image_size: int, task: NodeTask, state: dict[str, torch.Tensor], settings: TrainSettings,
+    validate: bool,
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Fine-tune base + head (``state``) on the node's train split.
 
     Returns the fine-tuned backbone (the head stays on the node) and the metrics
-    the server reads: num-examples, train-loss, val-accuracy, val-auc.
+    the server reads: num-examples, train-loss, seconds and, with ``validate``,
+    val-accuracy and val-auc (the site's own score of its fine-tuned model).
     """
+    started = time.perf_counter()
     torch.manual_seed(settings.seed)
     model = create_model(model_name, image_size, num_classes=task.card.n_classes)
     model.load_state_dict(state, strict=True)
-    train_loss = fit(model, task.train, task.card.label_kind, settings)
-    val = score(predict(model, task.val.images, settings.batch_size, settings.device), task.val.labels,
-                task.card.label_kind)
+    metrics = {"num-examples": len(task.train), "train-loss": fit(model, task.train, task.card.label_kind, settings)}
+    if validate:
+        val = score(predict(model, task.val.images, settings.batch_size, settings.device), task.val.labels,
+                    task.card.label_kind)
+        metrics.update({"val-accuracy": val["accuracy"], "val-auc": val["auc"]})
     backbone, _ = split_state({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    return backbone, {"num-examples": len(task.train), "train-loss": train_loss,
-                      "val-accuracy": val["accuracy"], "val-auc": val["auc"]}
+    return backbone, {**metrics, "seconds": time.perf_counter() - started}
+
+
+def _linear_probe(model_name: str, image_size: int, task: NodeTask, backbone: dict[str, torch.Tensor],
+                  settings: TrainSettings) -> dict[str, float]:
+    """Frozen backbone, fresh linear head."""
+    model = create_model(model_name, image_size, num_classes=0)
+    model.load_state_dict(backbone, strict=True)
+    return linear_probe(model, task.train, task.test, task.card.label_kind, task.card.n_classes, settings)
+
+
+def _finetune(model_name: str, image_size: int, task: NodeTask, backbone: dict[str, torch.Tensor],
+              settings: TrainSettings) -> dict[str, float]:
+    """The paper's protocol: the whole model fine-tuned from the base with a fresh head."""
+    card = task.card
+    model = create_model(model_name, image_size, num_classes=card.n_classes)
+    head = new_head_state(embed_dim(model_name), card.n_classes, settings.seed)
+    model.load_state_dict(merge_state(backbone, head), strict=True)
+    fit(model, task.train, card.label_kind, settings)
+    return score(predict(model, task.test.images, settings.batch_size, settings.device), task.test.labels,
+                 card.label_kind)
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    run: Callable[[str, int, NodeTask, dict[str, torch.Tensor], TrainSettings], dict[str, float]]
+    epochs_key: str  # the run-config key that holds its training epochs
+
+
+# Evaluation protocols by name (``eval-mode``): how good a base is for one task, scored on its test split.
+EVAL_PROTOCOLS = {"linear-probe": EvalProtocol(_linear_probe, "probe-epochs"),
+                  "finetune": EvalProtocol(_finetune, "eval-epochs")}
 
 
 def evaluate_base(
     model_name: str, image_size: int, task: NodeTask, backbone: dict[str, torch.Tensor], eval_mode: str,
     settings: TrainSettings,
 ) -> dict[str, float]:
-    """How good ``backbone`` is for this task: a fresh head trained on the train split, scored on test.
-
-    ``linear-probe`` freezes the backbone; ``finetune`` trains all of it.
-    """
+    """How good ``backbone`` is for this task: a fresh head trained on the train split, scored on test."""
     torch.manual_seed(settings.seed)
-    card = task.card
-    if eval_mode == "linear-probe":
-        model = create_model(model_name, image_size, num_classes=0)
-        model.load_state_dict(backbone, strict=True)
-        result = linear_probe(model, task.train, task.test, card.label_kind, card.n_classes, settings)
-    elif eval_mode == "finetune":
-        model = create_model(model_name, image_size, num_classes=card.n_classes)
-        head = new_head_state(embed_dim(model_name), card.n_classes, settings.seed)
-        model.load_state_dict(merge_state(backbone, head), strict=True)
-        fit(model, task.train, card.label_kind, settings)
-        result = score(predict(model, task.test.images, settings.batch_size, settings.device), task.test.labels,
-                       card.label_kind)
-    else:
-        raise ValueError(f"eval-mode '{eval_mode}': unknown, choose 'linear-probe' or 'finetune'")
-    return {**result, "n-test": len(task.test)}
+    scores = EVAL_PROTOCOLS[eval_mode].run(model_name, image_size, task, backbone, settings)
+    return {**scores, "n-test": len(task.test)}

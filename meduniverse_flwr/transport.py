@@ -6,34 +6,10 @@ NumPy has no bfloat16, so bf16 travels as the upper 16 bits of each float32
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
-
-from .config import TRANSPORT_DTYPES
-
-
-def encode(arrays: Mapping[str, np.ndarray], transport_dtype: str) -> dict[str, np.ndarray]:
-    """float arrays -> what is sent."""
-    if transport_dtype == "fp32":
-        return {k: np.asarray(v, dtype=np.float32) for k, v in arrays.items()}
-    if transport_dtype == "fp16":
-        return {k: np.asarray(v, dtype=np.float16) for k, v in arrays.items()}
-    if transport_dtype == "bf16":
-        return {k: _to_bf16_bits(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
-    raise ValueError(f"transport-dtype '{transport_dtype}': unknown, choose one of {TRANSPORT_DTYPES}")
-
-
-def decode(arrays: Mapping[str, np.ndarray], transport_dtype: str) -> dict[str, np.ndarray]:
-    """What was received -> float32 arrays; a wrong dtype for the agreed encoding is a ValueError."""
-    expected = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}[transport_dtype]
-    out = {}
-    for name, value in arrays.items():
-        if value.dtype != expected:
-            raise ValueError(f"'{name}' arrived as {value.dtype}, expected {np.dtype(expected)} ({transport_dtype})")
-        out[name] = _from_bf16_bits(value) if transport_dtype == "bf16" else value.astype(np.float32, copy=False)
-    return out
-
 
 def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
     bits = np.ascontiguousarray(x).view(np.uint32)
@@ -44,3 +20,42 @@ def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
 
 def _from_bf16_bits(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+@dataclass(frozen=True)
+class Encoding:
+    wire_dtype: type
+    encode: Callable[[np.ndarray], np.ndarray]  # float32 -> what is sent
+    decode: Callable[[np.ndarray], np.ndarray]  # what was received -> float32
+
+
+# Encodings by name (``transport-dtype``).
+TRANSPORT_DTYPES = {
+    "fp32": Encoding(np.float32, lambda x: x, lambda x: x),
+    "fp16": Encoding(np.float16, lambda x: x.astype(np.float16), lambda x: x.astype(np.float32)),
+    "bf16": Encoding(np.uint16, _to_bf16_bits, _from_bf16_bits),
+}
+
+
+def _encoding(transport_dtype: str) -> Encoding:
+    if transport_dtype not in TRANSPORT_DTYPES:
+        raise ValueError(f"transport-dtype '{transport_dtype}': unknown, choose one of {tuple(TRANSPORT_DTYPES)}")
+    return TRANSPORT_DTYPES[transport_dtype]
+
+
+def encode(arrays: Mapping[str, np.ndarray], transport_dtype: str) -> dict[str, np.ndarray]:
+    """float arrays -> what is sent."""
+    encoding = _encoding(transport_dtype)
+    return {k: encoding.encode(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
+
+
+def decode(arrays: Mapping[str, np.ndarray], transport_dtype: str) -> dict[str, np.ndarray]:
+    """What was received -> float32 arrays; a wrong dtype for the agreed encoding is a ValueError."""
+    encoding = _encoding(transport_dtype)
+    out = {}
+    for name, value in arrays.items():
+        if value.dtype != encoding.wire_dtype:
+            raise ValueError(f"'{name}' arrived as {value.dtype}, expected {np.dtype(encoding.wire_dtype)} "
+                             f"({transport_dtype})")
+        out[name] = encoding.decode(value)
+    return out

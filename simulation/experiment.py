@@ -1,60 +1,27 @@
-"""The structured Hydra config of one experiment, and its translation to Flower's run config.
+"""The Hydra schema of one experiment, generated from the run-config declaration, and its flattening.
 
-Every group node is a dataclass registered with Hydra's ConfigStore, so a
-misspelled key or a wrong type fails at composition, before anything runs.
+Every key of ``[tool.flwr.app.config]`` is a top-level Hydra key of the same
+name (``_`` for ``-``), typed by ``RunConfig`` and defaulting to the declared
+value, so a misspelled key or a wrong type fails at composition, before
+anything runs, and no default is written twice. Lists (``datasets``,
+``held_out``) are Hydra lists. ``output-dir`` is the job's own directory.
+Groups in ``conf/`` are presets that set several keys at once (``model``,
+``data``, ``strategy``); ``federation`` is the simulated federation, not part
+of the run config.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
+from meduniverse_flwr.config import KEYS, declared_defaults, split_list
 
-@dataclass
-class ModelConfig:
-    name: str = MISSING
-    image_size: int = MISSING
-
-
-@dataclass
-class DataConfig:
-    source: str = MISSING
-    root: str = ""
-    datasets: list[str] = field(default_factory=list)
-    held_out: list[str] = field(default_factory=list)
-    partition: str = "iid"
-    dirichlet_alpha: float = 0.5
-    download: bool = False
-    skip_unreadable: bool = False
-
-
-@dataclass
-class StrategyConfig:
-    name: str = MISSING
-    num_stages: int = MISSING
-    clients_per_stage: int = MISSING
-    local_epochs: int = MISSING
-    aggregation: str = MISSING
-    server_mix: float = MISSING
-    eval_mode: str = MISSING
-    eval_epochs: int = MISSING
-    probe_epochs: int = MISSING
-    batch_size: int = MISSING
-    lr: float = MISSING
-    weight_decay: float = MISSING
-    stage_timeout: float = MISSING
-    transport_dtype: str = MISSING
-    oversample: float = MISSING
-    min_replies: int = MISSING
-
-
-@dataclass
-class PretrainConfig:
-    method: str = MISSING  # mae | simmim | none | checkpoint
-    epochs: int = 0
-    path: str = ""
+JOB_KEYS = ("output-dir",)  # set by simulation.run for each job, not by the user
 
 
 @dataclass
@@ -64,53 +31,33 @@ class FederationConfig:
     gpus_per_node: float = 0.0
 
 
-@dataclass
-class ExperimentConfig:
-    model: ModelConfig = MISSING
-    data: DataConfig = MISSING
-    strategy: StrategyConfig = MISSING
-    pretrain: PretrainConfig = MISSING
-    federation: FederationConfig = MISSING
-    seed: int = 0
-    device: str = "auto"
-    resume_from: str = ""
+def _field(key: str, default: Any) -> tuple[str, Any, Any]:
+    kind = KEYS[key]
+    if "tuple" in kind:
+        values = list(split_list(default))
+        return key.replace("-", "_"), list[str], dataclasses.field(default_factory=lambda: list(values))
+    return key.replace("-", "_"), {"int": int, "float": float, "bool": bool}.get(kind, str), default
+
+
+def experiment_schema() -> type:
+    """A dataclass with one field per declared run-config key, plus ``federation``."""
+    fields = [_field(key, value) for key, value in declared_defaults().items() if key not in JOB_KEYS]
+    fields.append(("federation", FederationConfig, dataclasses.field(default_factory=FederationConfig)))
+    return dataclasses.make_dataclass("ExperimentConfig", fields)
 
 
 def register() -> None:
-    """The schema ``conf/config.yaml`` composes first: group files merge into typed nodes."""
-    ConfigStore.instance().store(name="experiment_schema", node=ExperimentConfig)
-
-
-STRATEGY_KEYS = ("num_stages", "clients_per_stage", "local_epochs", "aggregation", "server_mix", "eval_mode",
-                 "eval_epochs", "probe_epochs", "batch_size", "lr", "weight_decay", "stage_timeout",
-                 "transport_dtype", "oversample", "min_replies")
+    """The schema ``conf/config.yaml`` composes first: group files merge into typed keys."""
+    ConfigStore.instance().store(name="experiment_schema", node=experiment_schema())
 
 
 def to_run_config(cfg, output_dir: str) -> dict:
-    """Flower's flat kebab-case run config (``[tool.flwr.app.config]`` keys) for ``cfg``."""
-    if cfg.strategy.name != "stagewise":
-        raise ValueError(f"strategy '{cfg.strategy.name}': only 'stagewise' is available")
-    pretrain = cfg.pretrain.path if cfg.pretrain.method == "checkpoint" else cfg.pretrain.method
-    run_config = {
-        "model": cfg.model.name,
-        "image-size": cfg.model.image_size,
-        "data": cfg.data.source,
-        "data-root": cfg.data.root,
-        "datasets": ",".join(cfg.data.datasets),
-        "held-out": ",".join(cfg.data.held_out),
-        "partition": cfg.data.partition,
-        "dirichlet-alpha": cfg.data.dirichlet_alpha,
-        "download": cfg.data.download,
-        "skip-unreadable": cfg.data.skip_unreadable,
-        "pretrain": pretrain,
-        "pretrain-epochs": cfg.pretrain.epochs,
-        "seed": cfg.seed,
-        "device": cfg.device,
-        "resume-from": cfg.resume_from,
-        "output-dir": output_dir,
-    }
-    run_config.update({key.replace("_", "-"): cfg.strategy[key] for key in STRATEGY_KEYS})
-    return run_config
+    """Flower's flat kebab-case run config for ``cfg``: every key but ``federation``, lists joined."""
+    values = OmegaConf.to_container(cfg, resolve=True)
+    values.pop("federation")
+    run_config = {key.replace("_", "-"): ",".join(value) if isinstance(value, list) else value
+                  for key, value in values.items()}
+    return {**run_config, "output-dir": output_dir}
 
 
 def to_override_string(run_config: dict) -> str:

@@ -11,14 +11,13 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from deploy.launch import flower_env, flwr, start, stop, wait_for_superlink
+from deploy.flwr_cli import BIN, flower_env, flwr, wait_for_superlink
+from deploy.processes import start, stop
 
-BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 
 

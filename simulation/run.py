@@ -1,11 +1,12 @@
 """Hydra entry point: compose an experiment from ``conf/``, run it through ``flwr run``.
 
-    python -m simulation.run model=vit-tiny strategy.clients_per_stage=2 seed=1
-    python -m simulation.run --multirun seed=0,1 strategy.aggregation=mean,weighted
+    python -m simulation.run model=vit-tiny clients_per_stage=2 seed=1
+    python -m simulation.run --multirun seed=0,1 aggregation=mean,weighted
 
 Each job starts its own simulation SuperLink (own FLWR_HOME, free loopback
 ports) in the job directory, runs the app with run-config and federation
-overrides built from the composed config, checks the run's final status, and
+overrides built from the composed config (each value checked first, so a bad one
+stops before any process starts), checks the run's final status, and
 stops every Flower process it started. ``results.json``, the plot and the
 checkpoints land in the job directory. Jobs of a sweep run one after another.
 """
@@ -22,6 +23,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from meduniverse_flwr.config import KEYS, read_keys
 from simulation.experiment import federation_config, register, to_override_string, to_run_config
 from simulation.flower import flwr_run, local_superlink, run_status
 
@@ -32,6 +34,7 @@ register()
 def run_experiment(cfg: DictConfig, job_dir: Path) -> Path:
     """Run one experiment; returns the run directory. Raises RuntimeError on failure."""
     run_config = to_run_config(cfg, output_dir=str(job_dir / "runs"))
+    read_keys(run_config, KEYS)  # types and choices; server-side paths are checked by the ServerApp
     started = time.monotonic()
     with local_superlink(job_dir / ".flwr", cwd=job_dir) as link:
         run_id, output = flwr_run(link.env, to_override_string(run_config), federation_config(cfg))
@@ -52,7 +55,7 @@ def main(cfg: DictConfig) -> None:
     job_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         run_experiment(cfg, job_dir)
-    except (RuntimeError, ValueError) as err:
+    except (RuntimeError, ValueError) as err:  # ConfigError is a ValueError
         log.error("%s", err)
         (job_dir / "FAILED").write_text(str(err) + "\n")
         if HydraConfig.get().mode.name == "RUN":

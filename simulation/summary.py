@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from meduniverse_flwr.results import read_results, summarize
 
 log = logging.getLogger(__name__)
 COLUMNS = ("job", "overrides", "status", "final_mean_accuracy", "gain_over_stage0", "p_value", "wall_seconds")
@@ -22,10 +23,15 @@ def job_row(job_dir: Path) -> dict[str, Any]:
            "gain_over_stage0": None, "p_value": None, "wall_seconds": None}
     results_file = job_dir / "results.json"
     if results_file.exists() and not (job_dir / "FAILED").exists():
-        results = json.loads(results_file.read_text())
+        try:
+            results = read_results(results_file)
+        except ValueError as err:  # a job's file is read back like any other: checked, never trusted
+            log.error("%s", err)
+            return {**row, "status": "invalid results.json"}
         stages = results["stages"]
+        summary = summarize(stages)  # from the checked stages, not the file's own summary
         row.update(status="completed", final_mean_accuracy=stages[-1]["mean_accuracy"],
-                   gain_over_stage0=results["summary"]["accuracy_gain"][-1], p_value=results["summary"]["p_value"],
+                   gain_over_stage0=summary["accuracy_gain"][-1], p_value=summary["p_value"],
                    wall_seconds=round(sum(s["seconds"] for s in stages), 1))
     return row
 

@@ -1,9 +1,22 @@
+import math
 import re
+import warnings
 
 import numpy as np
 import pytest
 
-from meduniverse_flwr.aggregation import RunningAggregate, aggregate, check_update, mix
+from meduniverse_flwr.aggregation import (
+    RULES,
+    RunningAggregate,
+    aggregate,
+    array_norm,
+    check_update,
+    clip_update,
+    mix,
+    relative_update_norm,
+    update_norm,
+    update_weight,
+)
 
 
 def arrays(w, b):
@@ -79,3 +92,65 @@ def test_bad_weight_and_rule_are_rejected():
         RunningAggregate("median-ish")
     with pytest.raises(ValueError, match="no update"):
         running.result()
+
+
+def test_rules_map_a_rule_to_its_weight():
+    assert sorted(RULES) == ["mean", "weighted"]
+    assert update_weight("mean", 30) == 1.0 and update_weight("weighted", 30) == 30.0
+    with pytest.raises(ValueError, match=re.escape("choose one of ('mean', 'weighted')")):
+        update_weight("median", 1)
+
+
+@pytest.mark.parametrize(
+    "update, reason",
+    [
+        ({"w": A["w"].astype(np.float64), "b": A["b"]}, "'w' has dtype float64, expected float32"),
+        ({"w": A["w"].astype(np.float16), "b": A["b"]}, "'w' has dtype float16, expected float32"),
+        ({"w": A["w"].tolist(), "b": A["b"]}, "'w' is a list, expected an array"),
+        ({**A, "evil\n\x1b[2J" + "x" * 100: np.zeros(1, np.float32)}, "unexpected keys ['evil\\n\\x1b[2Jxxx"),
+    ],
+)
+def test_check_update_wants_the_base_dtype_and_reasons_stay_one_line(update, reason):
+    problem = check_update(A, update)
+    assert problem.startswith(reason) and problem.isprintable() and len(problem) < 200
+
+
+def test_update_norm_is_the_l2_norm_of_the_difference():
+    assert update_norm(A, B) == pytest.approx(math.sqrt(4 * 16 + 16))
+    assert array_norm(A) == pytest.approx(math.sqrt(30))
+    assert relative_update_norm(A, B) == pytest.approx(math.sqrt(80 / 30))
+    assert update_norm(A, A) == 0.0
+
+
+def test_update_norm_does_not_overflow_at_the_float32_maximum():
+    top = np.finfo(np.float32).max
+    huge = {"w": np.full((2, 2), top, np.float32), "b": np.array([-top], np.float32)}
+    with warnings.catch_warnings(), np.errstate(all="raise"):
+        warnings.simplefilter("error")
+        norm = update_norm(A, huge)
+    assert math.isfinite(norm) and norm == pytest.approx(math.sqrt(5) * float(top), rel=1e-6)
+
+
+def test_an_update_norm_past_float64_is_inf_not_a_crash():
+    base, update = {"w": np.array([1e308, -1e308])}, {"w": np.array([-1e308, 1e308])}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert update_norm(base, update) == math.inf
+    with pytest.raises(ValueError, match="overflows"):
+        clip_update(base, update, 1.0)
+
+
+def test_relative_update_norm_against_a_zero_base():
+    zero = {"w": np.zeros(2, np.float32)}
+    assert relative_update_norm(zero, zero) == 0.0
+    assert relative_update_norm(zero, {"w": np.ones(2, np.float32)}) == math.inf
+
+
+def test_clip_update_scales_the_delta_down_to_the_bound():
+    clipped = clip_update(A, B, 2.0)
+    assert update_norm(A, clipped) == pytest.approx(2.0, rel=1e-6)
+    delta = clipped["w"].astype(np.float64) - A["w"]
+    np.testing.assert_allclose(delta, (B["w"] - A["w"]) * 2.0 / math.sqrt(80), rtol=1e-6)
+    assert all(clipped[k].dtype == np.float32 for k in clipped)
+    assert clip_update(A, B, 100.0)["w"] is B["w"]  # within the bound: as sent
+    np.testing.assert_array_equal(clip_update(A, B, 0.0)["w"], A["w"])

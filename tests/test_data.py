@@ -6,6 +6,7 @@ from meduniverse_flwr.data import DataOptions, TaskCard, load_node_task, to_task
 from meduniverse_flwr.data.embedded import SPLIT_SIZES, TASKS, load_embedded, task_path
 from meduniverse_flwr.data.npz import DataError, Split, read_npz, write_npz
 from meduniverse_flwr.data.partition import dirichlet_shard, iid_shard, node_dataset
+from meduniverse_flwr.validation import Rejected, parse_card
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -115,11 +116,9 @@ def test_missing_and_corrupt_files(tmp_path):
 
 
 def test_task_card_round_trip_and_rejection():
-    card = TaskCard("ct-tissue", "CT", 4, "multiclass", 1000)
-    assert TaskCard.from_record(card.to_record()) == card
-    with pytest.raises(ValueError, match="missing 'n-train'"):
-        TaskCard.from_record({k: v for k, v in card.to_record().items() if k != "n-train"})
-    with pytest.raises(ValueError, match="label kind 'ordinal'"):
-        TaskCard.from_record({**card.to_record(), "label-kind": "ordinal"})
-    with pytest.raises(ValueError, match="n-classes 1"):
-        TaskCard.from_record({**card.to_record(), "n-classes": 1})
+    card = TaskCard("ct-tissue", "CT", 4, "multiclass", 1000, 400)
+    assert parse_card(card.to_record()) == card
+    with pytest.raises(Rejected, match="lacks n-train"):
+        parse_card({k: v for k, v in card.to_record().items() if k != "n-train"})
+    with pytest.raises(Rejected, match="label-kind 'ordinal'"):
+        parse_card({**card.to_record(), "label-kind": "ordinal"})

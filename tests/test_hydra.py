@@ -16,35 +16,46 @@ def run_cli(*overrides, timeout=900):
                           text=True, timeout=timeout)
 
 
-def test_hydra_defaults_equal_the_flower_run_config_defaults():
+def compose_run_config(*overrides: str) -> dict:
     register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        cfg = compose(config_name="config")
-    expected = {**default_run_config(), "output-dir": "X"}
-    assert to_run_config(cfg, output_dir="X") == expected
+        return to_run_config(compose(config_name="config", overrides=list(overrides)), output_dir="X")
+
+
+def test_the_hydra_default_is_the_declaration():
+    assert compose_run_config() == {**default_run_config(), "output-dir": "X"}
+
+
+def test_every_declared_key_is_a_hydra_key_of_the_same_name():
+    run_config = compose_run_config("model=vit-tiny", "data=medmnist", "clients_per_stage=2", "node_metrics=false",
+                                    "datasets=[pathmnist,octmnist]")
+    assert run_config["model"] == "vit-tiny" and run_config["data"] == "medmnist"
+    assert run_config["clients-per-stage"] == 2 and run_config["node-metrics"] is False
+    assert run_config["datasets"] == "pathmnist,octmnist"
 
 
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("strategy.clients_per_stag=3", "Key 'clients_per_stag' not in 'StrategyConfig'"),
-        ("strategy.clients_per_stage=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
+        ("clients_per_stag=3", "Key 'clients_per_stag' not in 'ExperimentConfig'"),
+        ("clients_per_stage=abc", "Value 'abc' of type 'str' could not be converted to Integer"),
         ("model=vit-huge", "Could not find 'model/vit-huge'"),
+        ("aggregation=avg", "'aggregation' = 'avg': must be one of ('mean', 'weighted'"),
     ],
 )
 def test_bad_overrides_fail_before_anything_runs(override, message, tmp_path):
     result = run_cli(override, f"hydra.run.dir={tmp_path}", timeout=120)
     assert result.returncode != 0
-    assert message in result.stderr
+    assert message in result.stderr + result.stdout
     assert not (tmp_path / ".flwr").exists()  # no SuperLink was started
 
 
 def test_sweep_runs_jobs_writes_a_summary_and_leaves_no_process(tmp_path, data_root):
     sweep_dir = tmp_path / "sweep"
     result = run_cli(
-        "--multirun", "strategy.num_stages=0,1",  # job 0 is invalid (fails in the ServerApp), job 1 runs
-        "strategy.local_epochs=1", "strategy.probe_epochs=2", "strategy.clients_per_stage=2", "pretrain=none",
-        "federation.num_supernodes=2", "data.datasets=[ct-tissue,histology-stain]", f"data.root={data_root}",
+        "--multirun", "num_stages=0,1",  # job 0 is invalid (fails before any process starts), job 1 runs
+        "local_epochs=1", "probe_epochs=2", "clients_per_stage=2", "pretrain=none",
+        "federation.num_supernodes=2", "datasets=[ct-tissue,histology-stain]", f"data_root={data_root}",
         f"hydra.sweep.dir={sweep_dir}",
     )
     assert result.returncode != 0 and "1 of 2 jobs failed" in result.stderr
@@ -52,7 +63,7 @@ def test_sweep_runs_jobs_writes_a_summary_and_leaves_no_process(tmp_path, data_r
     assert (sweep_dir / "1" / "results.json").is_file() and (sweep_dir / "1" / "accuracy_gain.png").is_file()
     rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))
     assert [row["status"] for row in rows] == ["failed", "completed"]
-    assert "strategy.num_stages=1" in rows[1]["overrides"] and float(rows[1]["final_mean_accuracy"]) > 0
+    assert "num_stages=1" in rows[1]["overrides"] and float(rows[1]["final_mean_accuracy"]) > 0
     assert "| job |" in (sweep_dir / "summary.md").read_text()
     # every SuperLink / simulation / Ray process of the sweep ran with paths inside sweep_dir
     survivors = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout

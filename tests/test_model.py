@@ -55,6 +55,24 @@ def test_checkpoint_round_trip_and_mismatch_errors(tmp_path):
         load_backbone(bad, fresh)
 
 
+@pytest.mark.parametrize("tamper, error", [
+    (lambda t: t.round().int(), r"not float16/bfloat16/float32/float64: \['cls_token torch.int32'\]"),
+    (lambda t: t.to(torch.float8_e4m3fn), r"not float16/.*: \['cls_token torch.float8_e4m3fn'\]"),
+    (lambda t: t.index_fill(-1, torch.tensor([0]), float("nan")), r"non-finite values in \['cls_token'\]"),
+    (lambda t: t.index_fill(-1, torch.tensor([0]), float("inf")), r"non-finite values in \['cls_token'\]"),
+])
+def test_a_checkpoint_with_bad_values_is_refused_in_one_line(tmp_path, tamper, error):
+    backbone = create_backbone("vit-micro", 28).state_dict()
+    path = tmp_path / "planted.safetensors"
+    save_backbone(path, {**backbone, "cls_token": tamper(backbone["cls_token"])}, {})
+    fresh = create_backbone("vit-micro", 28)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=r"planted.safetensors: " + error) as err:
+        load_backbone(path, fresh)
+    assert "\n" not in str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())  # nothing loaded
+
+
 def test_unknown_model_and_bad_patch_grid():
     with pytest.raises(ValueError, match="unknown"):
         create_model("vit-giant", 28)

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -78,30 +80,29 @@ def test_a_killed_pretraining_resumes_to_the_same_weights(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         pretrain("vit-micro", 28, corpus, settings, tmp_path / "killed", device="cpu", on_epoch_end=kill_after_two)
-    saved = torch.load(tmp_path / "killed" / "state.pt", weights_only=False)
-    assert saved["epoch"] == 2
+    assert json.loads((tmp_path / "killed" / "state.json").read_text())["epoch"] == 2
     resumed = pretrain("vit-micro", 28, corpus, settings, tmp_path / "killed", device="cpu")
     assert resumed.losses == straight.losses
     a, b = load_file(straight.encoder_path), load_file(resumed.encoder_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="state.pt: made with other settings.*epochs: 3 -> 4"):
+    with pytest.raises(ValueError, match="state.json: made with other settings.*epochs: 3 -> 4"):
         pretrain("vit-micro", 28, corpus, PretrainSettings(epochs=4, batch_size=64, warmup_epochs=1),
                  tmp_path / "killed", device="cpu")
 
 
-def test_server_base_from_a_checkpoint_and_clear_errors(tmp_path, data_root):
+def test_server_base_from_a_checkpoint_and_clear_errors(tmp_path, run_config):
     good = create_backbone("vit-micro", 28).state_dict()
     path = tmp_path / "encoder.safetensors"
     save_backbone(path, good, {})
-    base = initial_base(RunConfig(pretrain=str(path), data_root=str(data_root)))
+    base = initial_base(RunConfig.from_run_config(run_config(pretrain=str(path))))
     assert all(torch.equal(base[k], good[k]) for k in good)
 
     wrong = tmp_path / "tiny.safetensors"
     save_backbone(wrong, create_backbone("vit-tiny", 28).state_dict(), {})
     with pytest.raises(ValueError, match=r"tiny.safetensors: does not fit the model: .*shape") as err:
-        initial_base(RunConfig(pretrain=str(wrong)))
+        initial_base(RunConfig.from_run_config(run_config(pretrain=str(wrong))))
     assert "\n" not in str(err.value)
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(b"\x00" * 16)
     with pytest.raises(ValueError, match="corrupt.safetensors: cannot read"):
-        initial_base(RunConfig(pretrain=str(corrupt)))
+        initial_base(RunConfig.from_run_config(run_config(pretrain=str(corrupt))))

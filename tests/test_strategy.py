@@ -7,11 +7,14 @@ from uuid import uuid4
 
 import numpy as np
 import pytest
+import torch
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from simulation.inprocess import InProcessGrid, act_as_server
 
 from meduniverse_flwr import server_app
 from meduniverse_flwr.client_app import app as client_app
+from meduniverse_flwr.config import RunConfig
 from meduniverse_flwr.data import TaskCard
 from meduniverse_flwr.model import create_backbone
 from meduniverse_flwr.results import stage_entry
@@ -27,7 +30,10 @@ def run_federation(config: dict, num_nodes: int, tamper=None) -> tuple[dict, InP
 
 
 def without_seconds(stages):
-    return [{k: v for k, v in stage.items() if k != "seconds"} for stage in stages]
+    """Stages minus wall-clock times (the stage's and each node's)."""
+    return [{**{k: v for k, v in stage.items() if k != "seconds"},
+             "nodes": [{k: v for k, v in node.items() if k != "seconds"} for node in stage["nodes"]]}
+            for stage in stages]
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +103,12 @@ def test_a_bad_node_is_rejected_and_the_stage_completes(run_config, caplog):
 class _Stage:
     """A StageWise strategy mid-stage, with train messages to two fake nodes."""
 
-    def __init__(self, held_out=(), transport_dtype="fp32", **strategy_options):
+    def __init__(self, **settings):
         act_as_server()
+        torch.manual_seed(0)  # every _Stage starts from the same base
         self.base = create_backbone("vit-micro", 28).state_dict()
-        self.strategy = StageWise(held_out=held_out, transport_dtype=transport_dtype,
-                                  **{"clients_per_stage": 2, **strategy_options})
-        self.strategy.cards = {1: TaskCard("a", "CT", 2, "binary", 10), 2: TaskCard("b", "MR", 3, "multiclass", 30)}
+        self.strategy = StageWise(RunConfig.with_defaults(**{"datasets": "a,b", "clients_per_stage": 2, **settings}))
+        self.strategy.cards = {1: TaskCard("a", "CT", 2, "binary", 10, 5), 2: TaskCard("b", "MR", 3, "multiclass", 30, 5)}
         self.messages = {}
         for message in self.strategy.configure_train(1, ArrayRecord(self.base), ConfigRecord(), grid=None):
             message.metadata.__dict__["_message_id"] = str(uuid4())
@@ -135,7 +141,7 @@ def test_faulty_replies_leave_the_aggregate_untouched(fault, reason):
     arrays, metrics = {k: v.numpy().copy() for k, v in stage.base.items()}, {"num-examples": 10}
     fault(arrays, metrics)
     assert not stage.strategy.accept_train_reply(stage.reply(1, arrays, metrics))
-    assert reason in stage.strategy.log.rejected[0]
+    assert reason in stage.strategy.outcome.rejected[0]
     assert stage.strategy._running.count == 0
     assert stage.strategy.accept_train_reply(stage.reply(2, metrics={"num-examples": 10, "train-loss": [0.1]}))
     new_base, metrics_out = stage.strategy.finish_stage(1)
@@ -147,63 +153,73 @@ def test_error_replies_and_strangers_are_rejected():
     stage = _Stage()
     error_reply = Message(Error(code=0, reason="data file missing"), reply_to=stage.messages[1])
     assert not stage.strategy.accept_train_reply(error_reply)
-    assert "data file missing" in stage.strategy.log.rejected[0]
+    assert "data file missing" in stage.strategy.outcome.rejected[0]
     stranger = stage.reply(2)
     stranger.metadata.__dict__["_src_node_id"] = 99
     assert not stage.strategy.accept_train_reply(stranger)
-    assert "not asked to train" in stage.strategy.log.rejected[1]
+    assert "not asked to train" in stage.strategy.outcome.rejected[1]
+
+
+def test_an_error_reply_from_the_superlink_counts_for_the_node_it_was_sent_to():
+    stage = _Stage()
+    unavailable = Message(Error(code=0, reason="Node unavailable"), reply_to=stage.messages[2])
+    unavailable.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID  # as Flower sends it for a dead node
+    assert not stage.strategy.accept_train_reply(unavailable)
+    assert stage.strategy.outcome.rejected == ["node 2: error reply (Node unavailable)"]
 
 
 def test_flowers_own_start_drives_stagewise(run_config):
     config = run_config(datasets="ct-tissue,histology-stain")
     grid = InProcessGrid(client_app, config, num_nodes=2)
-    strategy = StageWise(clients_per_stage=2)
+    strategy = StageWise(RunConfig.from_run_config({**config, "clients-per-stage": 2}))
     base = ArrayRecord(create_backbone("vit-micro", 28).state_dict())
-    train = ConfigRecord({"local-epochs": 1, "lr": 1e-3, "weight-decay": 0.05, "batch-size": 64})
-    evaluate = ConfigRecord({"eval-mode": "linear-probe", "probe-epochs": 2, "eval-epochs": 1, "lr": 1e-3,
-                             "weight-decay": 0.05, "batch-size": 64})
-    result = strategy.start(grid, base, num_rounds=1, train_config=train, evaluate_config=evaluate)
+    # Flower's config records override the strategy's instructions key by key
+    result = strategy.start(grid, base, num_rounds=1, train_config=ConfigRecord({"epochs": 1}),
+                            evaluate_config=ConfigRecord({"epochs": 2}))
     assert set(result.arrays) == set(base)
     assert not np.array_equal(result.arrays["cls_token"].numpy(), base["cls_token"].numpy())
     assert set(result.evaluate_metrics_clientapp[1]) == {"ct-tissue/accuracy", "histology-stain/accuracy"}
 
 
 def test_held_out_tasks_never_train_but_are_evaluated():
-    stage = _Stage(held_out={"b"})
+    stage = _Stage(held_out="b")
     assert set(stage.messages) == {1}  # no train message for the held-out task
     evaluate = list(stage.strategy.configure_evaluate(1, ArrayRecord(stage.base), ConfigRecord(), grid=None))
     assert sorted(m.metadata.dst_node_id for m in evaluate) == [1, 2]
     replies = []
     for message, accuracy in zip(evaluate, (0.5, 0.9)):
         message.metadata.__dict__["_message_id"] = str(uuid4())
-        metrics = MetricRecord({"accuracy": accuracy, "auc": 0.7, "n-test": 10, "loss": 1.0})
+        metrics = MetricRecord({"accuracy": accuracy, "auc": 0.7, "n-test": 5, "loss": 1.0})
         replies.append(Message(RecordDict({"metrics": metrics}), reply_to=message))
     stage.strategy.aggregate_evaluate(1, replies)
-    entry = stage_entry(1, stage.strategy.new_log(), 1.0)
+    entry = stage_entry(1, stage.strategy.take_outcome(), 1.0)
     assert entry["per_task"]["b"]["held_out"] is True and entry["per_task"]["a"]["held_out"] is False
     assert entry["mean_accuracy"] == 0.5 and entry["mean_accuracy_held_out"] == 0.9
 
 
-def test_a_node_silent_at_evaluation_is_named_and_its_task_left_out(caplog):
+def test_a_node_silent_at_evaluation_is_named_and_its_task_reported_missing(caplog):
     stage = _Stage()
     evaluate = list(stage.strategy.configure_evaluate(1, ArrayRecord(stage.base), ConfigRecord(), grid=None))
     evaluate[0].metadata.__dict__["_message_id"] = str(uuid4())
-    metrics = MetricRecord({"accuracy": 0.5, "auc": 0.7, "n-test": 10, "loss": 1.0})
+    metrics = MetricRecord({"accuracy": 0.5, "auc": 0.7, "n-test": 5, "loss": 1.0})
     with caplog.at_level(logging.WARNING, logger="flwr"):
         stage.strategy.aggregate_evaluate(1, [Message(RecordDict({"metrics": metrics}), reply_to=evaluate[0])])
-    assert list(stage.strategy.new_log().per_task) == ["a"]
+    outcome = stage.strategy.take_outcome()
+    assert outcome.per_task["b"] == {"accuracy": None, "auc": None, "n_test": 0, "held_out": False,
+                                     "missing": "node 2: no reply"}
+    assert stage_entry(1, outcome, 1.0)["mean_accuracy"] is None  # not a mean over fewer tasks
     assert "stage 1 evaluation: no reply before the timeout from nodes 2 (b)" in caplog.text
 
 
 def test_bf16_transport_halves_the_bytes_both_ways():
     fp32, bf16 = _Stage(), _Stage(transport_dtype="bf16")
     assert bf16.messages[1].content.array_records["arrays"]["cls_token"].dtype == "uint16"
-    assert 2 * bf16.strategy.log.bytes_down == pytest.approx(fp32.strategy.log.bytes_down, rel=0.01)
+    assert 2 * bf16.strategy.outcome.bytes_down == pytest.approx(fp32.strategy.outcome.bytes_down, rel=0.01)
     assert not bf16.strategy.accept_train_reply(bf16.reply(1))  # a float32 reply breaks the agreed encoding
-    assert "arrived as float32, expected uint16" in bf16.strategy.log.rejected[0]
+    assert "arrived as float32, expected uint16" in bf16.strategy.outcome.rejected[0]
     assert bf16.strategy.accept_train_reply(bf16.reply(2, transport_dtype="bf16"))
     assert fp32.strategy.accept_train_reply(fp32.reply(2))
-    assert 2 * bf16.strategy.log.bytes_up == pytest.approx(fp32.strategy.log.bytes_up, rel=0.01)
+    assert 2 * bf16.strategy.outcome.bytes_up == pytest.approx(fp32.strategy.outcome.bytes_up, rel=0.01)
     new_base, _ = bf16.strategy.finish_stage(1)
     assert to_numpy(new_base)["cls_token"].dtype == np.float32  # the server's base stays full precision
 
@@ -236,15 +252,15 @@ def test_streaming_stage_equals_batch_aggregation_exactly():
     rng = np.random.default_rng(0)
 
     streaming, batch = _Stage(), _Stage()
-    updates = {node: {k: rng.normal(size=v.shape).astype(np.float32) for k, v in streaming.base.items()}
-               for node in (1, 2)}
+    updates = {node: {k: (v.numpy() + rng.normal(scale=0.001, size=v.shape)).astype(np.float32)
+                      for k, v in streaming.base.items()} for node in (1, 2)}
     streamed, _ = streaming.strategy.run_train_stage(ReplyingGrid(streaming, updates), 1,
                                                      ArrayRecord(streaming.base), ConfigRecord())
     batched, _ = batch.strategy.aggregate_train(1, [batch.reply(n, updates[n], {"num-examples": [10, 30][n - 1]})
                                                    for n in (1, 2)])
     for name in streaming.base:
         np.testing.assert_array_equal(to_numpy(streamed)[name], to_numpy(batched)[name])
-    assert streaming.strategy.new_log().participants == ["a", "b"]
+    assert streaming.strategy.take_outcome().participants == ["a", "b"]
     expected = 0.25 * updates[1]["cls_token"].astype(np.float64) + 0.75 * updates[2]["cls_token"]
     np.testing.assert_allclose(to_numpy(streamed)["cls_token"], expected, rtol=1e-6)
 
@@ -272,7 +288,8 @@ def test_a_killed_run_resumes_to_the_same_results(run_config, tmp_path):
     grid = KilledAfterStage(client_app, killed, 2, stage=2)
     with pytest.raises(KeyboardInterrupt):
         server_app.main(grid, Context(run_id=8, node_id=0, node_config={}, state=RecordDict(), run_config=killed))
-    run_dir = (tmp_path / "killed" / "latest").resolve()
+    assert not (tmp_path / "killed" / "latest").exists()  # a run that did not complete never takes it
+    (run_dir,) = (tmp_path / "killed").glob("*-run8")
     assert [s["stage"] for s in json.loads((run_dir / "results.json").read_text())["stages"]] == [0, 1]
 
     resumed, grid = run_federation({**killed, "resume-from": str(run_dir)}, num_nodes=2)
@@ -291,7 +308,7 @@ def test_resume_refuses_other_settings(run_config, tmp_path):
 
 
 def test_a_silent_node_ends_the_stage_by_timeout_and_is_named(caplog):
-    stage = _Stage(timeout=0.3)
+    stage = _Stage(stage_timeout=0.3)
     with caplog.at_level(logging.INFO, logger="flwr"):
         new_base, metrics = stage.strategy.run_train_stage(ReplyingGrid(stage, silent={2}), 1,
                                                            ArrayRecord(stage.base), ConfigRecord())
@@ -300,7 +317,7 @@ def test_a_silent_node_ends_the_stage_by_timeout_and_is_named(caplog):
 
 
 def test_too_few_replies_fail_the_stage_with_a_reason():
-    stage = _Stage(timeout=0.2, min_replies=2)
+    stage = _Stage(stage_timeout=0.2, min_replies=2)
     with pytest.raises(StageFailed, match="stage 1: 1 valid replies, fewer than min-replies=2"):
         stage.strategy.run_train_stage(ReplyingGrid(stage, silent={2}), 1, ArrayRecord(stage.base), ConfigRecord())
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -12,7 +14,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..metrics import LABEL_KINDS
 from .dicom import load_dicom_folder
 from .embedded import TASKS as EMBEDDED_TASKS
 from .embedded import load_embedded
@@ -26,35 +27,19 @@ DEFAULT_ROOT = Path.home() / ".cache" / "meduniverse_flwr"
 
 @dataclass(frozen=True)
 class TaskCard:
-    """What a node tells the server about its task (never its data)."""
+    """What a node tells the server about its task (never its data); the server parses it with
+    ``validation.parse_card``."""
 
     name: str
     modality: str
     n_classes: int
     label_kind: str
     n_train: int
+    n_test: int
 
     def to_record(self) -> dict[str, Any]:
         return {"name": self.name, "modality": self.modality, "n-classes": self.n_classes,
-                "label-kind": self.label_kind, "n-train": self.n_train}
-
-    @classmethod
-    def from_record(cls, record: Mapping[str, Any]) -> "TaskCard":
-        """Parse a card from a node's reply; ValueError names what is wrong."""
-        try:
-            card = cls(str(record["name"]), str(record["modality"]), int(record["n-classes"]),
-                       str(record["label-kind"]), int(record["n-train"]))
-        except KeyError as err:
-            raise ValueError(f"task card is missing {err}") from None
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"task card has a malformed field ({err})") from None
-        if card.label_kind not in LABEL_KINDS:
-            raise ValueError(f"task card '{card.name}': label kind '{card.label_kind}' not in {LABEL_KINDS}")
-        if card.n_classes < (1 if card.label_kind == "multilabel" else 2):
-            raise ValueError(f"task card '{card.name}': n-classes {card.n_classes} is too small")
-        if card.n_train < 1:
-            raise ValueError(f"task card '{card.name}': n-train {card.n_train} must be >= 1")
-        return card
+                "label-kind": self.label_kind, "n-train": self.n_train, "n-test": self.n_test}
 
 
 @dataclass(frozen=True)
@@ -95,9 +80,6 @@ def to_task_data(split: Split, label_kind: str, image_size: int) -> TaskData:
     return TaskData(to_image_tensor(split.images, image_size), labels)
 
 
-SOURCES = ("embedded", "medmnist", "folder", "dicom")
-
-
 @dataclass(frozen=True)
 class DataOptions:
     """How dataset entries are found and read (hashable: node data are cached per process)."""
@@ -117,10 +99,10 @@ def cache_root(data_root: str) -> Path:
     return Path(data_root).expanduser() if data_root else DEFAULT_ROOT
 
 
-def options_from(config) -> DataOptions:
-    """The data options of a ``RunConfig``."""
-    return DataOptions(config.data, config.data_root, config.image_size, config.seed, config.partition,
-                       config.dirichlet_alpha, config.download, config.skip_unreadable)
+def options_from(values: Mapping[str, Any], image_size: int) -> DataOptions:
+    """Data options from run-config values (snake_case, as ``config.read_keys`` returns them)."""
+    return DataOptions(values["data"], values["data_root"], image_size, values["seed"], values["partition"],
+                       values["dirichlet_alpha"], values["download"], values["skip_unreadable"])
 
 
 def parse_entry(entry: str, default_source: str) -> tuple[str, str]:
@@ -129,7 +111,7 @@ def parse_entry(entry: str, default_source: str) -> tuple[str, str]:
     if not sep:
         source, spec = default_source, entry
     if source not in SOURCES:
-        raise DataError(f"dataset '{entry}': unknown source '{source}', choose one of {SOURCES}")
+        raise DataError(f"dataset '{entry}': unknown source '{source}', choose one of {tuple(SOURCES)}")
     return source, spec
 
 
@@ -141,27 +123,52 @@ def dataset_name(entry: str, default_source: str) -> str:
     return Path(spec).expanduser().name if source in ("folder", "dicom") else spec
 
 
+def _embedded(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
+    if spec not in EMBEDDED_TASKS:
+        raise DataError(f"dataset '{spec}': not in the embedded universe {sorted(EMBEDDED_TASKS)}")
+    info = EMBEDDED_TASKS[spec]
+    splits = load_embedded(spec, cache_root(options.root))
+    return TaskCard(spec, info.modality, len(info.classes), info.label_kind, len(splits["train"]),
+                    len(splits["test"])), splits
+
+
+def _medmnist(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
+    flag, info, splits = load_medmnist(spec, options.root, options.image_size, options.download)
+    return TaskCard(flag, info.modality, info.n_classes, info.label_kind, len(splits["train"]),
+                    len(splits["test"])), splits
+
+
+def _site_path(spec: str, options: DataOptions) -> Path:
+    path = Path(spec).expanduser()
+    return Path(options.root).expanduser() / spec if not path.is_absolute() and options.root else path
+
+
+def _folder(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
+    path = _site_path(spec, options)
+    classes, label_kind, splits = load_folder(path, options.image_size, options.skip_unreadable)
+    return TaskCard(path.name, "images (site folder)", len(classes), label_kind, len(splits["train"]),
+                    len(splits["test"])), splits
+
+
+def _dicom(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
+    path = _site_path(spec, options)
+    classes, label_kind, splits = load_dicom_folder(path, options.image_size, options.skip_unreadable)
+    return TaskCard(path.name, "DICOM", len(classes), label_kind, len(splits["train"]), len(splits["test"])), splits
+
+
+# Data sources by name: a dataset entry ``source:spec`` is read by ``SOURCES[source](spec, options)``.
+SOURCES: dict[str, Callable[[str, "DataOptions"], tuple[TaskCard, dict[str, Split]]]] = {
+    "embedded": _embedded,
+    "medmnist": _medmnist,
+    "folder": _folder,
+    "dicom": _dicom,
+}
+
+
 def load_dataset(entry: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
-    """A dataset entry's card (n-train of the whole dataset) and splits, from whichever source."""
+    """A dataset entry's card (n-train / n-test of the whole dataset) and splits, from its source."""
     source, spec = parse_entry(entry, options.source)
-    if source == "embedded":
-        if spec not in EMBEDDED_TASKS:
-            raise DataError(f"dataset '{spec}': not in the embedded universe {sorted(EMBEDDED_TASKS)}")
-        info = EMBEDDED_TASKS[spec]
-        splits = load_embedded(spec, cache_root(options.root))
-        card = TaskCard(spec, info.modality, len(info.classes), info.label_kind, len(splits["train"]))
-    elif source == "medmnist":
-        flag, info, splits = load_medmnist(spec, options.root, options.image_size, options.download)
-        card = TaskCard(flag, info.modality, info.n_classes, info.label_kind, len(splits["train"]))
-    else:
-        path = Path(spec).expanduser()
-        if not path.is_absolute() and options.root:
-            path = Path(options.root).expanduser() / spec
-        loader = load_folder if source == "folder" else load_dicom_folder
-        classes, label_kind, splits = loader(path, options.image_size, options.skip_unreadable)
-        modality = "images (site folder)" if source == "folder" else "DICOM"
-        card = TaskCard(path.name, modality, len(classes), label_kind, len(splits["train"]))
-    return card, splits
+    return SOURCES[source](spec, options)
 
 
 def _shard_seed(seed: int, dataset: str, split: str) -> int:
@@ -175,13 +182,20 @@ def _stratify_by(labels: np.ndarray) -> np.ndarray:
     return np.where(labels.any(axis=1), labels.argmax(axis=1), labels.shape[1])
 
 
-def shard_indices(split: Split, card: TaskCard, split_name: str, shard: int, n_shards: int,
-                  options: DataOptions) -> np.ndarray:
-    split_seed = _shard_seed(options.seed, card.name, split_name)
-    if options.partition == "dirichlet":
-        return dirichlet_shard(_stratify_by(split.labels), shard, n_shards, options.dirichlet_alpha,
-                               _shard_seed(options.seed, card.name, "proportions"), split_seed)
-    return iid_shard(len(split), shard, n_shards, split_seed)
+def _iid(split: Split, card: TaskCard, split_name: str, shard: int, n_shards: int,
+         options: DataOptions) -> np.ndarray:
+    return iid_shard(len(split), shard, n_shards, _shard_seed(options.seed, card.name, split_name))
+
+
+def _dirichlet(split: Split, card: TaskCard, split_name: str, shard: int, n_shards: int,
+               options: DataOptions) -> np.ndarray:
+    return dirichlet_shard(_stratify_by(split.labels), shard, n_shards, options.dirichlet_alpha,
+                           _shard_seed(options.seed, card.name, "proportions"),
+                           _shard_seed(options.seed, card.name, split_name))
+
+
+# How nodes sharing a dataset split it: ``PARTITIONS[partition](split, card, split name, shard, n_shards, options)``.
+PARTITIONS = {"iid": _iid, "dirichlet": _dirichlet}
 
 
 @functools.lru_cache(maxsize=4)
@@ -191,11 +205,11 @@ def load_node_task(entry: str, shard: int, n_shards: int, options: DataOptions) 
     card, splits = load_dataset(entry, options)
     if n_shards > 1:
         splits = {name: Split(split.images[idx], split.labels[idx]) for name, split in splits.items()
-                  for idx in [shard_indices(split, card, name, shard, n_shards, options)]}
+                  for idx in [PARTITIONS[options.partition](split, card, name, shard, n_shards, options)]}
         for name, split in splits.items():
             if len(split) == 0:
                 raise DataError(f"dataset '{entry}': shard {shard} of {n_shards} has an empty {name} split; "
                                 f"use fewer nodes or a larger dirichlet-alpha")
     tensors = {name: to_task_data(splits[name], card.label_kind, options.image_size) for name in SPLITS}
-    card = TaskCard(card.name, card.modality, card.n_classes, card.label_kind, len(tensors["train"]))
+    card = dataclasses.replace(card, n_train=len(tensors["train"]), n_test=len(tensors["test"]))
     return NodeTask(card, tensors["train"], tensors["val"], tensors["test"])

@@ -1,0 +1,273 @@
+"""Validation of everything a node sends the server: task cards, training and evaluation replies.
+
+A node is not trusted. Its values reach the aggregate, the results, log lines and
+plots only through this module, which either returns them parsed and bounded or
+raises ``Rejected`` with a one-line reason (printable, short: safe to log as is).
+Pure functions on plain values (Mappings, numpy arrays, ``TaskCard``); no Flower.
+
+- ``parse_card(record) -> TaskCard``: a node's card with strict types and the bounds below.
+- ``admit_cards(cards) -> (admitted, refused)``: nodes sharing a task name must share its
+  signature (modality, n-classes, label-kind), else all of them are refused.
+- ``check_train_reply(base, arrays, metrics, card, *, max_update_ratio, on_excess) -> TrainUpdate``:
+  arrays that fit the base, a weight within the node's card, an update no larger than
+  ``max_update_ratio`` times the base (rejected or clipped beyond), optional metrics bounded.
+- ``check_eval_reply(metrics, card) -> EvalScore``: accuracy and AUC in [0, 1], n-test as on the card.
+- ``safe_label(text)``: a node-supplied string made safe for a log line or a matplotlib label.
+- ``quote(value)``: any value as a short one-line repr, for reasons.
+
+Integers on a card must be real ``int`` (not bool, float or str); metrics may carry a
+count as an integral float (metric records hold ints and floats alike).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import reprlib
+import sys
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from .aggregation import Arrays, array_norm, check_update, clip_update, relative_update_norm
+from .data import TaskCard
+from .metrics import LABEL_KINDS
+
+# A head of 768 x 1000 float32 is 3 MB; no medical label space comes near 1000 classes.
+MAX_CLASSES = 1000
+# n-train / n-test / num-examples: past the largest medical image collections (a few million);
+# a larger claim only serves to dominate the example-weighted mean.
+MAX_EXAMPLES = 10**8
+# Class counts per label kind: binary is a 2-column softmax; multilabel may have a single label.
+CLASS_RANGE = {"binary": (2, 2), "multiclass": (2, MAX_CLASSES), "multilabel": (1, MAX_CLASSES)}
+# Task names fit a log line and a plot legend.
+MAX_NAME_LENGTH = 64
+# ASCII letters and digits, then also ``._+-`` and inner spaces: no control characters (forged log
+# lines, ANSI codes), no ``$`` or ``\`` (matplotlib mathtext), no look-alike Unicode, no ``..``-style names.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._+\- ]*[A-Za-z0-9._+\-])?")
+# Modality is free text shown in log lines: printable (no control characters), this long at most.
+MAX_MODALITY_LENGTH = 64
+CARD_FIELDS = ("name", "modality", "n-classes", "label-kind", "n-train", "n-test")
+# What check_train_reply does with an update larger than max_update_ratio x the base.
+ON_EXCESS = ("reject", "clip")
+# A quoted value in a reason: enough to recognise it, never a flood.
+QUOTE_LENGTH = 40
+# A reason is one log line.
+MAX_REASON_LENGTH = 200
+
+# Upper bound of unbounded optional metrics (loss, seconds): a larger int has no float value.
+_FLOAT_MAX = sys.float_info.max
+_LABEL_ESCAPES = {"\\": "\\\\", "$": "\\$"}
+
+_repr = reprlib.Repr()  # repr that cuts long strings, numbers and containers short before building them
+_repr.maxstring = _repr.maxlong = _repr.maxother = QUOTE_LENGTH
+_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = _repr.maxfrozenset = 3
+
+
+class Rejected(ValueError):
+    """What a node sent cannot be used; ``str(err)`` is a one-line reason, safe to log as is."""
+
+    def __init__(self, reason: str) -> None:
+        line = _one_line(reason)
+        super().__init__(line if len(line) <= MAX_REASON_LENGTH else line[: MAX_REASON_LENGTH - 3] + "...")
+
+
+@dataclass(frozen=True, eq=False)  # eq would compare arrays element-wise
+class TrainUpdate:
+    """A training reply fit to aggregate."""
+
+    arrays: dict[str, np.ndarray]  # the backbone to fold in (the clipped one if ``excess``)
+    num_examples: int  # its weight under the ``weighted`` rule, within the node's n-train
+    update_ratio: float  # ||arrays - base|| / ||base|| as received
+    excess: str | None  # why the update was scaled down to max-update-ratio; None if it was not
+    train_loss: float | None  # optional metrics: None when missing or malformed
+    val_accuracy: float | None
+    val_auc: float | None
+    seconds: float | None
+
+    @property
+    def clipped(self) -> bool:
+        return self.excess is not None
+
+
+@dataclass(frozen=True)
+class EvalScore:
+    """An evaluation reply's scores for the node's task."""
+
+    accuracy: float
+    auc: float | None  # None: undefined on this node's test split (a class is absent)
+    n_test: int
+
+
+def quote(value: object) -> str:
+    """``repr(value)`` on one line and at most ``QUOTE_LENGTH`` characters, for any value."""
+    try:
+        text = _one_line(_repr.repr(value))
+    except Exception:  # e.g. an int past Python's digit limit, or a repr that raises
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= QUOTE_LENGTH else text[: QUOTE_LENGTH - 3] + "..."
+
+
+def safe_label(text: str) -> str:
+    """``text`` from a node, safe for a log line and a matplotlib label.
+
+    Non-printable characters (newlines, ANSI escapes, bidi overrides, lone surrogates) become
+    their escape sequences; ``\\`` and ``$`` are backslash-escaped, so the result never starts
+    mathtext (matplotlib shows ``\\$`` as ``$``) and the escaping cannot be forged.
+    """
+    return "".join(_LABEL_ESCAPES.get(ch, ch) if ch.isprintable() else _escape(ch) for ch in text)
+
+
+def parse_card(record: Mapping[str, object]) -> TaskCard:
+    """A node's task card from its record (keys ``CARD_FIELDS``); Rejected names the first problem."""
+    if not isinstance(record, Mapping):
+        raise Rejected(f"task card is a {type(record).__name__}, expected a record")
+    missing = [field for field in CARD_FIELDS if field not in record]
+    if missing:
+        raise Rejected(f"task card lacks {', '.join(missing)}")
+    unknown = sorted(quote(key) for key in record if key not in CARD_FIELDS)
+    if unknown:
+        raise Rejected(f"task card has unknown fields {', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}")
+    name = record["name"]
+    if not (isinstance(name, str) and len(name) <= MAX_NAME_LENGTH and NAME_PATTERN.fullmatch(name)):
+        raise Rejected(f"name {quote(name)} is not 1..{MAX_NAME_LENGTH} of A-Z a-z 0-9 . _ + - and inner spaces")
+    modality = record["modality"]
+    if not (isinstance(modality, str) and 0 < len(modality) <= MAX_MODALITY_LENGTH and modality.isprintable()):
+        raise Rejected(f"modality {quote(modality)} is not 1..{MAX_MODALITY_LENGTH} printable characters")
+    label_kind = record["label-kind"]
+    if not (isinstance(label_kind, str) and label_kind in LABEL_KINDS):
+        raise Rejected(f"label-kind {quote(label_kind)} is not one of {', '.join(LABEL_KINDS)}")
+    low, high = CLASS_RANGE[label_kind]
+    n_classes = _card_count(record, "n-classes", low, high)
+    n_train = _card_count(record, "n-train", 1, MAX_EXAMPLES)
+    n_test = _card_count(record, "n-test", 1, MAX_EXAMPLES)
+    return TaskCard(name, modality, n_classes, label_kind, n_train, n_test)
+
+
+def admit_cards(cards: Mapping[int, TaskCard]) -> tuple[dict[int, TaskCard], dict[int, str]]:
+    """Split parsed cards (by node id) into (admitted, refusal reason per node id).
+
+    Nodes sharing a task name must agree on its signature (modality, n-classes, label-kind).
+    Every node of a name claimed with different signatures is refused: the server cannot
+    tell the honest one, and merging them would mix two tasks under one name.
+    """
+    nodes_by_name: dict[str, list[int]] = defaultdict(list)
+    for node in sorted(cards):
+        nodes_by_name[cards[node].name].append(node)
+    admitted, refused = {}, {}
+    for name, nodes in nodes_by_name.items():
+        signatures = {(cards[n].modality, cards[n].n_classes, cards[n].label_kind) for n in nodes}
+        if len(signatures) == 1:
+            admitted.update((node, cards[node]) for node in nodes)
+            continue
+        shown = ", ".join(map(str, nodes[:5])) + (", ..." if len(nodes) > 5 else "")
+        reason = (f"task {quote(name)} is claimed with {len(signatures)} different signatures (modality, "
+                  f"n-classes, label-kind) by nodes {shown}; none of them is admitted")
+        refused.update((node, reason) for node in nodes)
+    return dict(sorted(admitted.items())), dict(sorted(refused.items()))
+
+
+def check_train_reply(
+    base: Arrays, arrays: Arrays, metrics: Mapping[str, object], card: TaskCard, *,
+    max_update_ratio: float, on_excess: str,
+) -> TrainUpdate:
+    """A training reply from the node with ``card``, checked against the stage's ``base``.
+
+    ``arrays`` must match the base's keys, shapes and dtypes and be finite; ``num-examples`` must
+    be a whole number in 1..card.n_train (it is the update's weight). An update with
+    ||arrays - base|| > max_update_ratio x ||base|| is rejected (``on_excess="reject"``) or scaled
+    down to that norm (``"clip"``, reason in ``TrainUpdate.excess``); one whose norm overflows is
+    always rejected. Optional metrics (train-loss, val-accuracy, val-auc, seconds) that are missing
+    or out of range become None. ValueError (not Rejected) for a bad ``max_update_ratio`` / ``on_excess``.
+    """
+    if on_excess not in ON_EXCESS:
+        raise ValueError(f"on_excess '{on_excess}': unknown, choose one of {ON_EXCESS}")
+    if not max_update_ratio > 0:
+        raise ValueError(f"max_update_ratio must be > 0, got {max_update_ratio}")
+    _require_record(metrics, "metrics")
+    _require_record(arrays, "arrays")
+    problem = check_update(base, arrays)
+    if problem is not None:
+        raise Rejected(problem)
+    num_examples = _whole_number(metrics.get("num-examples"), "num-examples", 1, card.n_train)
+    ratio = relative_update_norm(base, arrays)
+    excess = None
+    if not ratio <= max_update_ratio:
+        excess = f"update norm is {ratio:.3g} x the base norm, above max-update-ratio {max_update_ratio:g}"
+        if on_excess == "reject" or math.isinf(ratio):  # an infinite norm has no direction to keep
+            raise Rejected(excess)
+        excess += "; scaled down to it"
+        arrays = clip_update(base, arrays, max_update_ratio * array_norm(base))
+    return TrainUpdate(
+        arrays=dict(arrays),
+        num_examples=num_examples,
+        update_ratio=ratio,
+        excess=excess,
+        train_loss=_optional(metrics, "train-loss", _FLOAT_MAX),
+        val_accuracy=_optional(metrics, "val-accuracy", 1.0),
+        val_auc=_optional(metrics, "val-auc", 1.0),
+        seconds=_optional(metrics, "seconds", _FLOAT_MAX),
+    )
+
+
+def check_eval_reply(metrics: Mapping[str, object], card: TaskCard) -> EvalScore:
+    """An evaluation reply from the node with ``card``.
+
+    accuracy: a number in [0, 1]; auc: a number in [0, 1], or NaN for "undefined on this split"
+    (a class absent from the node's test split), returned as None; n-test: a whole number equal
+    to card.n_test (so a node cannot outweigh others sharing its task).
+    """
+    _require_record(metrics, "metrics")
+    accuracy = _fraction(metrics.get("accuracy"), "accuracy")
+    auc = metrics.get("auc")
+    auc = None if isinstance(auc, float) and math.isnan(auc) else _fraction(auc, "auc")
+    n_test = _whole_number(metrics.get("n-test"), "n-test", card.n_test, card.n_test)
+    return EvalScore(accuracy, auc, n_test)
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its non-printable characters escaped (newlines, ANSI codes, ...)."""
+    return text if text.isprintable() else "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
+
+
+def _escape(ch: str) -> str:
+    return ch.encode("unicode_escape").decode("ascii")  # "\n" -> "\\n", "\x1b" -> "\\x1b"
+
+
+def _require_record(value: object, what: str) -> None:
+    if not isinstance(value, Mapping):
+        raise Rejected(f"{what} is a {type(value).__name__}, expected a record")
+
+
+def _card_count(record: Mapping[str, object], field: str, low: int, high: int) -> int:
+    """A count on a card: a real int (not bool, float or str) in low..high."""
+    value = record[field]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise Rejected(f"{field} is {quote(value)}, expected an int in {low}..{high}")
+    return value
+
+
+def _whole_number(value: object, field: str, low: int, high: int) -> int:
+    """A count in a metric record: an int or an integral float (not bool), in low..high."""
+    number = int(value) if isinstance(value, float) and value.is_integer() else value  # NaN/inf stay floats
+    if isinstance(number, bool) or not isinstance(number, int) or not low <= number <= high:
+        expected = f"{low}" if low == high else f"a whole number in {low}..{high}"
+        raise Rejected(f"{field} is {quote(value)}, expected {expected}")
+    return number
+
+
+def _fraction(value: object, field: str) -> float:
+    """A number (not bool) in [0, 1]; NaN and inf fail the comparison."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise Rejected(f"{field} is {quote(value)}, expected a number in [0, 1]")
+    return float(value)
+
+
+def _optional(metrics: Mapping[str, object], key: str, high: float) -> float | None:
+    """An optional metric in [0, high], or None when missing or malformed (not worth a rejection)."""
+    value = metrics.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= high:
+        return None
+    return float(value)
