@@ -77,8 +77,10 @@ class RunConfig:
     max_update_ratio: float
     on_excess_update: str
     node_metrics: bool
+    tracker: str
     transport_dtype: str
     device: str
+    compile: bool
     output_dir: str
     resume_from: str
 
@@ -195,6 +197,7 @@ CHECKS: dict[str, Check] = {
     "min-replies": _at_least(1),
     "max-update-ratio": _rule(lambda value: value > 0, "must be > 0"),
     "on-excess-update": _one_of("validation", "ON_EXCESS"),
+    "tracker": _one_of("tracking", "TRACKERS"),
     "transport-dtype": _one_of("transport", "TRANSPORT_DTYPES"),
     "device": _one_of("task", "DEVICES"),
 }

@@ -57,6 +57,7 @@ class Instructions:
     seed: int
     eval_mode: str
     node_metrics: bool
+    compile: bool
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)})
@@ -72,4 +73,4 @@ class Instructions:
 
     def train_settings(self) -> TrainSettings:
         return TrainSettings(self.epochs, self.lr, self.weight_decay, self.batch_size, self.seed,
-                             resolve_device(self.device))
+                             resolve_device(self.device), self.compile)

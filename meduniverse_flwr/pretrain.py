@@ -29,9 +29,11 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -40,7 +42,7 @@ from torch import nn
 
 from .model import create_backbone, save_backbone
 from .seeds import derive_seed
-from .task import cosine_with_warmup, resolve_device, to_input
+from .task import autocast, cosine_with_warmup, resolve_device, to_input
 
 logger = logging.getLogger("flwr")
 DEFAULT_MASK_RATIO = {"mae": 0.75, "simmim": 0.6}
@@ -62,6 +64,9 @@ class PretrainSettings:
     # which medical classes depend on (CT Hounsfield units, stain colour); on the
     # embedded universe the linear probe is 0.706 with it, 0.789 without (10 epochs).
     norm_pix_loss: bool = False
+    # bf16 autocast on CUDA (no effect on CPU, where bf16 matmuls are slower); part of the cache key,
+    # since the weights differ. Measured on an H200 in benchmarks/README.md.
+    bf16: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -255,25 +260,29 @@ def pretrain(
     schedule = _lr_schedule(optimizer, settings, steps_per_epoch, start_epoch * steps_per_epoch)
 
     ratio = settings.effective_mask_ratio
+    on_device = images.to(dev)  # once, not per batch
     for epoch in range(start_epoch, settings.epochs):
         # per-epoch generator: the same batches and masks whether or not the run was resumed
         generator = torch.Generator().manual_seed(derive_seed(settings.seed, "pretrain", epoch))
         order = torch.randperm(len(images), generator=generator)
         mim.train()
-        total, started = 0.0, time.perf_counter()
+        order = order.to(dev)
+        total, started = torch.zeros((), dtype=torch.float64, device=dev), time.perf_counter()
         for start in range(0, len(images), settings.batch_size):
-            batch = to_input(images[order[start : start + settings.batch_size]], dev)
+            batch = to_input(on_device[order[start : start + settings.batch_size]], dev)
             visible, mask = random_masking(len(batch), mim.num_patches, ratio, generator)
-            loss, _ = mim(batch, visible.to(dev), mask.to(dev))
+            with autocast(dev) if settings.bf16 else nullcontext():
+                loss, _ = mim(batch, visible.to(dev), mask.to(dev))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            total += loss.item() * len(batch)
-        losses.append(total / len(images))
+            total += loss.detach().double() * len(batch)  # stays on the device: no sync per step
+        losses.append(total.item() / len(images))
         speeds.append(len(images) / (time.perf_counter() - started))
-        logger.info("pretrain %s epoch %d/%d: loss %.4f, %.0f images/s", settings.method, epoch + 1,
-                    settings.epochs, losses[-1], speeds[-1])
+        remaining = (settings.epochs - epoch - 1) * len(images) / float(np.mean(speeds[start_epoch:]))
+        logger.info("pretrain %s epoch %d/%d: loss %.4f, %.0f images/s, ETA %.0fs", settings.method, epoch + 1,
+                    settings.epochs, losses[-1], speeds[-1], remaining)
         save_state(out_dir, mim, optimizer, {"key": key, "epoch": epoch + 1, "losses": losses,
                                              "images_per_second": speeds})
         if on_epoch_end is not None:
@@ -477,12 +486,13 @@ def main(argv: list[str] | None = None) -> None:
         default = getattr(defaults, field)
         parser.add_argument("--" + field.replace("_", "-"), type=type(default), default=default)
     parser.add_argument("--norm-pix-loss", action="store_true", help="per-patch normalised MAE targets")
+    parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         settings = PretrainSettings(
-            method=args.method, norm_pix_loss=args.norm_pix_loss,
+            method=args.method, norm_pix_loss=args.norm_pix_loss, bf16=not args.fp32,
             **{f: getattr(args, f) for f in ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
                                             "mask_ratio", "decoder_dim", "decoder_depth", "seed")})
         images = load_corpus(split_list(args.datasets), DataOptions(args.data, args.data_root, args.image_size))

@@ -234,8 +234,12 @@ def _check_results(payload: Any) -> None:
         _expect(isinstance(stage, dict), where, stage, "must be an object")
         _expect(stage.get("stage") == index and isinstance(stage.get("stage"), int), f"{where}.stage",
                 stage.get("stage"), f"must be {index} (stages in order from 0)")
-        _expect(_is_number(stage.get("mean_accuracy"), 0, 1, none=True), f"{where}.mean_accuracy",
-                stage.get("mean_accuracy"), "must be a number in [0, 1] or null")
+        _expect("mean_accuracy" in stage, f"{where}.mean_accuracy", None, "is missing")
+        for key in ("mean_accuracy", "mean_accuracy_held_out"):
+            _expect(_is_number(stage.get(key), 0, 1, none=True), f"{where}.{key}", stage.get(key),
+                    "must be a number in [0, 1] or null")
+        _expect(_is_number(stage.get("train_loss"), none=True), f"{where}.train_loss", stage.get("train_loss"),
+                "must be a number or null")
         for key in ("participants", "rejected"):
             _expect(isinstance(stage.get(key), list) and all(isinstance(v, str) for v in stage[key]),
                     f"{where}.{key}", stage.get(key), "must be a list of strings")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 import zlib
 from datetime import datetime, timezone
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -21,7 +21,9 @@ from .data import cache_root, options_from
 from .data.corpus import load_corpus
 from .model import create_backbone, load_backbone
 from .pretrain import METHODS, PretrainSettings, pretrain
-from .results import RunOutputs, stage_entry
+from .report import format_table, run_files
+from .results import RunOutputs, stage_entry, summarize
+from .tracking import TRACKERS, Tracker
 from .strategy import STRATEGIES, StageFailed
 
 app = ServerApp()
@@ -60,18 +62,6 @@ def pretrain_cache_dir(config: RunConfig, settings: PretrainSettings, n_images: 
     return cache_root(config.data_root) / "pretrain" / f"{settings.method}-{config.model}-{zlib.crc32(key.encode()):08x}"
 
 
-def format_table(stages: list[dict]) -> str:
-    tasks = list(stages[0]["per_task"])
-    header = "stage | mean acc | " + " | ".join(tasks)
-    rows = [header, "-" * len(header)]
-    for s in stages:
-        mean = "   -    " if s["mean_accuracy"] is None else f"{s['mean_accuracy']:8.4f}"
-        scores = [s["per_task"].get(t, {}).get("accuracy") for t in tasks]
-        cells = ["-" if score is None else f"{score:.4f}" for score in scores]
-        rows.append(f"{s['stage']:5d} | {mean} | " + " | ".join(cells))
-    return "\n".join(rows)
-
-
 def open_outputs(config: RunConfig, run_id: int) -> tuple[RunOutputs, dict[str, torch.Tensor]]:
     """A new run directory and the stage-0 base, or (``resume-from``) the old directory and its
     last completed stage's base."""
@@ -90,11 +80,20 @@ def main(grid: Grid, context: Context) -> None:
     try:
         config = RunConfig.from_run_config(context.run_config)
         outputs, base = open_outputs(config, context.run_id)
-    except (ConfigError, ValueError) as err:
+        tracker = TRACKERS[config.tracker](outputs.dir, config.to_run_config(), outputs.dir.name)
+    except (ConfigError, ValueError, ImportError) as err:
         log(ERROR, "%s", err)
         raise
     log(INFO, "MedUniverse run: outputs in %s", outputs.dir.resolve())
+    try:
+        run_stages(grid, config, outputs, base, tracker)
+    finally:
+        tracker.close()  # a failed run is not left open in the tracker
 
+
+def run_stages(grid: Grid, config: RunConfig, outputs: RunOutputs, base: dict[str, torch.Tensor],
+               tracker: Tracker) -> None:
+    """Stage 0 (or the resumed stage), then every stage: train, checkpoint, evaluate, record."""
     strategy = STRATEGIES[config.strategy](config)
     strategy.summary()
     if not strategy.query_cards(grid):
@@ -110,6 +109,10 @@ def main(grid: Grid, context: Context) -> None:
         strategy.run_evaluation(grid, stage, arrays)
         outputs.add_stage(stage_entry(stage, strategy.take_outcome(), time.monotonic() - started))
         entry = outputs.stages[-1]
+        try:
+            tracker.log_stage(entry, summarize(outputs.stages))
+        except Exception as err:  # results.json and the checkpoint are written: a tracker failure costs only its copy
+            log(WARNING, "tracker %s: stage %d not logged (%s)", config.tracker, stage, err)
         log(INFO, "stage %d: mean accuracy %s, %.1fs", stage, entry["mean_accuracy"], entry["seconds"])
 
     if not outputs.stages:
@@ -125,7 +128,9 @@ def main(grid: Grid, context: Context) -> None:
             raise
         finish_stage(stage, started)
 
-    plot = outputs.plot()
+    outputs.plot()
     outputs.mark_latest()
     log(INFO, "per-stage accuracy (%s):\n%s", config.eval_mode, format_table(outputs.stages))
-    log(INFO, "results: %s  plot: %s", outputs.results_path.resolve(), plot.resolve())
+    log(INFO, "results:     %s", outputs.results_path.resolve())
+    for line in run_files(outputs.dir.resolve()):  # the plot, checkpoints and tracker files
+        log(INFO, "%s", line)

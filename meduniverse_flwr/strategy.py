@@ -68,7 +68,7 @@ class StageWise(Strategy):
         self.on_excess_update = config.on_excess_update
         self.train_instructions = Instructions(
             config.model, config.image_size, config.transport_dtype, config.device, config.local_epochs, config.lr,
-            config.weight_decay, config.batch_size, config.seed, config.eval_mode, config.node_metrics)
+            config.weight_decay, config.batch_size, config.seed, config.eval_mode, config.node_metrics, config.compile)
         epochs_key = EVAL_PROTOCOLS[config.eval_mode].epochs_key
         self.evaluate_instructions = dataclasses.replace(self.train_instructions,
                                                          epochs=config.to_run_config()[epochs_key])
@@ -79,6 +79,7 @@ class StageWise(Strategy):
         self._replied: set[int] = set()
         self._train_nodes: dict[int, TaskCard] = {}
         self._outbox: list[Message] = []  # the messages last sent (ids set by the grid on push)
+        self._stage, self._stage_started = 0, time.monotonic()
         self._loss_sum = 0.0
 
     def summary(self) -> None:
@@ -135,6 +136,8 @@ class StageWise(Strategy):
         rng = np.random.default_rng(derive_seed(self.seed, server_round, "sample"))
         sampled = sorted(rng.choice(candidates, size=m, replace=False).tolist()) if m < len(candidates) else candidates
         self._train_nodes = {node: self.cards[node] for node in sampled}
+        self._stage = server_round
+        log(INFO, "stage %d: asked %d node(s) to train: %s", server_round, len(sampled), self._describe(sampled))
         # serialise the base once; every message shares its arrays and adds its own head
         base = dict(pack(self._base, self.transport_dtype))
         messages = []
@@ -160,7 +163,8 @@ class StageWise(Strategy):
             update = self._check_train_reply(reply)
         except Rejected as reason:
             self.outcome.rejected.append(f"node {node}: {reason}")
-            log(WARNING, "stage reply from node %d rejected: %s", node, reason)
+            log(WARNING, "stage %d: reply from node %s rejected: %s%s", self._stage, self._name(node), reason,
+                self._progress())
             return False
         if update.excess is not None:
             log(WARNING, "stage reply from node %d: %s", node, update.excess)
@@ -172,6 +176,9 @@ class StageWise(Strategy):
         self.outcome.participants.append(task)
         self.outcome.nodes.append(NodeReport(node, task, update.train_loss, update.val_accuracy, update.val_auc,
                                              update.seconds, round(update.update_ratio, 6), update.clipped))
+        log(INFO, "stage %d: reply %d/%d from node %s accepted: train loss %s, val accuracy %s, update %.3f x base%s",
+            self._stage, self._running.count, self._target(), self._name(node), _shown(update.train_loss),
+            _shown(update.val_accuracy), update.update_ratio, self._progress())
         return True
 
     def finish_stage(self, server_round: int) -> tuple[ArrayRecord, MetricRecord]:
@@ -261,11 +268,14 @@ class StageWise(Strategy):
             try:
                 score = _check_evaluate_reply(reply, self.cards.get(node))
             except Rejected as reason:
-                log(WARNING, "evaluation reply from node %d rejected: %s", node, reason)
+                log(WARNING, "stage %d evaluation: reply from node %s rejected: %s", server_round, self._name(node),
+                    reason)
                 if node in self.cards:
                     problems[self.cards[node].name].append(f"node {node}: {reason}")
                 continue
             scores[self.cards[node].name].append(score)
+            log(INFO, "stage %d evaluation: node %s scores accuracy %.4f, AUC %s", server_round, self._name(node),
+                score.accuracy, _shown(score.auc))
         silent = set(self.cards) - replied
         if silent:  # a dead or hung node: the stage goes on without its score
             log(WARNING, "stage %d evaluation: no reply before the timeout from nodes %s", server_round,
@@ -300,9 +310,24 @@ class StageWise(Strategy):
 
     def _describe(self, nodes: Iterable[int]) -> str:
         """``id (task), ...`` for log lines that name nodes."""
-        return ", ".join(f"{node} ({self.cards[node].name})" for node in sorted(nodes))
+        return ", ".join(self._name(node) for node in sorted(nodes))
+
+    def _target(self) -> int:
+        return min(self.clients_per_stage, len(self._train_nodes))
+
+    def _progress(self) -> str:
+        """``; 12s elapsed, ~24s left`` for a stage's log lines (the estimate from the pace so far)."""
+        elapsed = time.monotonic() - self._stage_started
+        done = self._running.count
+        left = f", ~{elapsed / done * (self._target() - done):.0f}s left" if 0 < done < self._target() else ""
+        return f"; {elapsed:.0f}s elapsed{left}"
+
+    def _name(self, node: int) -> str:
+        card = self.cards.get(node)
+        return f"{node} ({card.name})" if card else str(node)
 
     def _start_stage(self, arrays: ArrayRecord) -> None:
+        self._stage_started = time.monotonic()
         self._replied = set()
         self._base = to_numpy(arrays)
         self._running = RunningAggregate(self.aggregation)
@@ -327,6 +352,10 @@ class StageWise(Strategy):
             raise Rejected(f"arrays cannot be decoded ({err})") from None
         return check_train_reply(self._base, arrays, content.metric_records["metrics"], self._train_nodes[node],
                                  max_update_ratio=self.max_update_ratio, on_excess=self.on_excess_update)
+
+
+def _shown(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
 
 
 def _check_evaluate_reply(reply: Message, card: TaskCard | None) -> EvalScore:

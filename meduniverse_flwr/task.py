@@ -32,14 +32,18 @@ class TrainSettings:
     batch_size: int
     seed: int
     device: torch.device
+    compile: bool = False  # torch.compile the model (pays off for long runs on a GPU; see benchmarks/README.md)
 
 
 DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else the CPU; ``cuda`` without a GPU is a one-line error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda': no CUDA device on this machine (use 'auto' or 'cpu')")
     return torch.device(name)
 
 
@@ -84,32 +88,36 @@ def cosine_with_warmup(total_steps: int, warmup_fraction: float = WARMUP_FRACTIO
 
 
 def fit(model: nn.Module, data: TaskData, label_kind: str, settings: TrainSettings, augment: bool = True) -> float:
-    """Train ``model`` on ``data`` (AdamW, warm-up + cosine); returns the mean loss of the last epoch."""
+    """Train ``model`` on ``data`` (AdamW, warm-up + cosine); returns the mean loss of the last epoch.
+
+    The data move to the device once, and the loss stays there until the epoch ends: on a GPU
+    the loop then never waits for a host copy or a sync.
+    """
     device = settings.device
     model.to(device).train()
+    forward = torch.compile(model) if settings.compile else model
+    images, labels = data.images.to(device, non_blocking=True), data.labels.to(device, non_blocking=True)
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(data) / settings.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(settings.epochs * steps_per_epoch))
     epoch_loss = float("nan")
     for _ in range(settings.epochs):
-        order = torch.randperm(len(data), generator=generator)
-        total, seen = 0.0, 0
+        order = torch.randperm(len(data), generator=generator).to(device)
+        total = torch.zeros((), dtype=torch.float64, device=device)
         for start in range(0, len(data), settings.batch_size):
             index = order[start : start + settings.batch_size]
-            x = to_input(data.images[index], device) if data.images.dtype == torch.uint8 else data.images[index].to(device)
+            x = to_input(images[index], device) if images.dtype == torch.uint8 else images[index]
             if augment:
                 x = random_flip(x, generator)
-            y = data.labels[index].to(device)
             with autocast(device):
-                loss = task_loss(model(x).float(), y, label_kind)
+                loss = task_loss(forward(x).float(), labels[index], label_kind)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            total += loss.item() * len(index)
-            seen += len(index)
-        epoch_loss = total / seen
+            total += loss.detach().double() * len(index)  # float64, as exact as a Python float sum
+        epoch_loss = total.item() / len(data)
     return epoch_loss
 
 
@@ -117,13 +125,14 @@ def fit(model: nn.Module, data: TaskData, label_kind: str, settings: TrainSettin
 def predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
     """Model outputs for uint8 images (or ready float features), in order, on the CPU."""
     model.to(device).eval()
+    images = images.to(device)  # once, not per batch
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
-        x = to_input(batch, device) if batch.dtype == torch.uint8 else batch.to(device)
+        x = to_input(batch, device) if batch.dtype == torch.uint8 else batch
         with autocast(device):
-            outputs.append(model(x).float().cpu())
-    return torch.cat(outputs)
+            outputs.append(model(x).float())
+    return torch.cat(outputs).cpu()  # one copy to the host, not one per batch
 
 
 def score(logits: torch.Tensor, labels: torch.Tensor, label_kind: str) -> dict[str, float]:

@@ -14,6 +14,7 @@ checkpoints land in the job directory. Jobs of a sweep run one after another.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 import time
@@ -50,9 +51,19 @@ def run_experiment(cfg: DictConfig, job_dir: Path) -> Path:
     return run_dir
 
 
+def one_mlflow_experiment_per_sweep() -> None:
+    """A sweep's jobs log to one MLflow store and experiment (a user's own settings win); the
+    ServerApp inherits the environment through the Flower processes."""
+    sweep = Path(HydraConfig.get().sweep.dir).resolve()
+    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{sweep / 'mlflow.db'}")
+    os.environ.setdefault("MLFLOW_EXPERIMENT_NAME", f"{sweep.parent.name}/{sweep.name}")
+
+
 @hydra.main(version_base=None, config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     job_dir = Path(HydraConfig.get().runtime.output_dir)
+    if HydraConfig.get().mode.name == "MULTIRUN":
+        one_mlflow_experiment_per_sweep()
     try:
         run_experiment(cfg, job_dir)
     except (RuntimeError, ValueError) as err:  # ConfigError is a ValueError

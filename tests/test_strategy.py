@@ -8,6 +8,7 @@ from uuid import uuid4
 import numpy as np
 import pytest
 import torch
+from conftest import default_run_config, write_medmnist
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from simulation.inprocess import InProcessGrid, act_as_server
@@ -39,8 +40,7 @@ def without_seconds(stages):
 @pytest.fixture(scope="module")
 def two_runs(data_root, tmp_path_factory):
     """The default 4-task universe, one stage, twice with the same seed."""
-    from conftest import default_run_config
-
+    
     results = []
     for attempt in range(2):
         config = {**default_run_config(), "data-root": str(data_root), "num-stages": 1, "local-epochs": 1,
@@ -331,3 +331,21 @@ def test_k_replies_end_the_stage_and_oversampling_asks_more_nodes(caplog):
     assert re.search(r"K=1 replies in; late replies from (1 \(a\)|2 \(b\)) are dropped", caplog.text)
     sampled = _Stage(clients_per_stage=1)  # oversample 1: one of the two nodes, seeded
     assert len(sampled.messages) == 1 and set(sampled.messages) == set(_Stage(clients_per_stage=1).messages)
+
+
+def test_the_log_has_a_line_for_every_reply_and_every_pretraining_epoch(run_config, caplog, tmp_path):
+    sites = ",".join(f"medmnist:{write_medmnist(tmp_path, flag, n=(32, 8, 8))}" for flag in ("bloodmnist", "pathmnist"))
+    config = run_config(num_stages=2, pretrain="mae", pretrain_epochs=2, datasets=sites, clients_per_stage=2,
+                        probe_epochs=1, data_root=str(tmp_path))
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        run_federation(config, num_nodes=2)
+    for stage in (1, 2):
+        assert re.search(rf"stage {stage}: asked 2 node\(s\) to train: 1000 \(bloodmnist\), 1001 \(pathmnist\)",
+                         caplog.text)
+        for count in (1, 2):
+            assert re.search(rf"stage {stage}: reply {count}/2 from node 100[01] \(\S+\) accepted: train loss [0-9.]+, "
+                             rf"val accuracy [0-9.]+, update [0-9.]+ x base; \d+s elapsed", caplog.text)
+    for stage in (0, 1, 2):
+        assert len(re.findall(rf"stage {stage} evaluation: node 100[01] \(\S+\) scores accuracy", caplog.text)) == 2
+    for epoch in (1, 2):
+        assert re.search(rf"pretrain mae epoch {epoch}/2: loss [0-9.]+, \d+ images/s, ETA \d+s", caplog.text)

@@ -1,0 +1,198 @@
+"""Experiment tracking, opt-in (run-config ``tracker``): every stage of ``results.json`` also goes to
+TensorBoard or MLflow, so a run can be watched while it trains and runs compared side by side.
+
+``TRACKERS[name](run_dir, run_config, run_name)`` returns a tracker with ``log_stage(entry, summary)``
+(one item of ``results.json`` ``stages`` and ``results.summarize(stages)``) and ``close()``.
+The libraries are imported inside the factories: ``none`` needs neither.
+
+- ``tensorboard``: event files in ``<run_dir>/tensorboard/``, the run config as hparams
+  (``tensorboard --logdir outputs`` shows every run below it, a Hydra sweep's directory every job).
+- ``mlflow``: one MLflow run per run directory in the experiment ``$MLFLOW_EXPERIMENT_NAME``
+  (default ``meduniverse``) of the store ``$MLFLOW_TRACKING_URI`` (default
+  ``sqlite:///<output-dir>/mlflow.db``: MLflow 3 refuses plain ``mlruns/`` file stores). A caller
+  that wants several output dirs in one experiment (a Hydra sweep) sets both variables for the
+  ServerApp's process. ``<run_dir>/mlflow-run.json`` names the store and the run, so that a
+  resumed run continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from .results import write_json_atomic
+
+INSTALL_HINT = "pip install 'meduniverse-flwr[tracking]'"
+DEFAULT_EXPERIMENT = "meduniverse"
+MLFLOW_POINTER = "mlflow-run.json"
+TENSORBOARD_DIR = "tensorboard"
+
+STAGE_KEYS = ("mean_accuracy", "mean_accuracy_held_out", "train_loss", "bytes_up", "bytes_down", "seconds",
+              "epsilon")
+TASK_KEYS = ("accuracy", "auc")
+NODE_KEYS = ("val_accuracy", "val_auc", "train_loss", "update_ratio")
+
+
+class Tracker(Protocol):
+    def log_stage(self, entry: dict[str, Any], summary: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def metric_segment(name: str) -> str:
+    """A task name as one segment of a metric name: MLflow accepts only ``\\w . - space`` there
+    (card names may also hold ``+``), and both trackers get the same names."""
+    return re.sub(r"[^\w.\- ]", "_", name)
+
+
+def stage_metrics(entry: dict[str, Any], summary: dict[str, Any]) -> dict[str, float]:
+    """Every number of one stage, by metric name; missing (None) values are left out."""
+    values: dict[str, Any] = {key: entry.get(key) for key in STAGE_KEYS}
+    values["accuracy_gain"] = summary["accuracy_gain"][entry["stage"]]
+    for task, scores in entry["per_task"].items():
+        for key in TASK_KEYS:
+            values[f"per_task/{metric_segment(task)}/{key}"] = scores.get(key)
+    for node in entry.get("nodes", []):
+        for key in NODE_KEYS:
+            values[f"node/{metric_segment(node['task'])}-{node['node']}/{key}"] = node.get(key)
+    return {name: float(value) for name, value in values.items() if value is not None}
+
+
+def _require(module: str, tracker: str) -> Any:
+    """Import a tracker's library (named like the tracker), or stop with one line naming the extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ImportError(f"tracker = '{tracker}' needs the {tracker} package: {INSTALL_HINT}") from None
+
+
+# ------------------------------------------------------------------ none
+class NoTracker:
+    def log_stage(self, entry: dict[str, Any], summary: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def no_tracker(run_dir: Path, run_config: dict[str, Any], run_name: str) -> NoTracker:
+    return NoTracker()
+
+
+# ------------------------------------------------------------------ TensorBoard
+class TensorBoardTracker:
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+
+    def log_stage(self, entry: dict[str, Any], summary: dict[str, Any]) -> None:
+        for name, value in stage_metrics(entry, summary).items():
+            self.writer.add_scalar(name, value, global_step=entry["stage"])
+        self.writer.flush()  # a TensorBoard open on the run shows each stage as it ends
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def tensorboard_tracker(run_dir: Path, run_config: dict[str, Any], run_name: str) -> TensorBoardTracker:
+    SummaryWriter = _require("torch.utils.tensorboard", "tensorboard").SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    writer = SummaryWriter(log_dir=str(Path(run_dir) / TENSORBOARD_DIR))
+    # written into the run's own event file (add_hparams would start a sub-run): the HParams
+    # dashboard then lists each run's config next to its final mean accuracy and gain
+    for summary in hparams(dict(run_config), {"mean_accuracy": None, "accuracy_gain": None}):
+        writer.file_writer.add_summary(summary)
+    return TensorBoardTracker(writer)
+
+
+# ------------------------------------------------------------------ MLflow
+def mlflow_target(run_dir: Path, environ: dict[str, str]) -> tuple[str, str]:
+    """(tracking URI, experiment name): MLflow's own variables, else a store next to the run directories."""
+    default_uri = "sqlite:///" + str((Path(run_dir).parent / "mlflow.db").resolve())
+    return (environ.get("MLFLOW_TRACKING_URI") or default_uri,
+            environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps artifacts: next to a SQLite store (MLflow's default would be
+    ``./mlruns`` of whatever directory the ServerApp runs in); a server's own choice otherwise."""
+    prefix = "sqlite:///"
+    return (Path(uri[len(prefix):]).resolve().parent / "mlartifacts").as_uri() if uri.startswith(prefix) else None
+
+
+def read_pointer(path: Path) -> dict[str, str] | None:
+    """``mlflow-run.json`` read back, or None when absent or not three strings (then a new run starts)."""
+    try:
+        pointer = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    keys = ("tracking_uri", "experiment_id", "run_id")
+    if not isinstance(pointer, dict) or not all(isinstance(pointer.get(k), str) for k in keys):
+        return None
+    return {k: pointer[k] for k in keys}
+
+
+class MlflowTracker:
+    def __init__(self, client: Any, run_id: str) -> None:
+        self.client = client
+        self.run_id = run_id
+
+    def log_stage(self, entry: dict[str, Any], summary: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(name, value, now, entry["stage"]) for name, value in stage_metrics(entry, summary).items()]
+        self.client.log_batch(self.run_id, metrics=metrics)  # the client splits it into MLflow's batch limits
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+def mlflow_tracker(run_dir: Path, run_config: dict[str, Any], run_name: str) -> MlflowTracker:
+    mlflow = _require("mlflow", "mlflow")
+    from mlflow.entities import Param
+    from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH
+
+    run_dir = Path(run_dir)
+    uri, experiment = mlflow_target(run_dir, dict(os.environ))
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run_id = _resumed_run(client, read_pointer(run_dir / MLFLOW_POINTER), uri)
+    if run_id is None:
+        found = client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifact_root(uri))
+        run_id = client.create_run(experiment_id, run_name=run_name,
+                                   tags={"run_dir": str(run_dir.resolve())}).info.run_id
+        write_json_atomic(run_dir / MLFLOW_POINTER,
+                          {"tracking_uri": uri, "experiment_id": experiment_id, "run_id": run_id})
+    # MLflow refuses to change a logged param: a resumed run (resume-from, num-stages, ...) keeps the first values
+    logged = client.get_run(run_id).data.params
+    params = [Param(key, str(value)[:MAX_PARAM_VAL_LENGTH]) for key, value in run_config.items() if key not in logged]
+    client.log_batch(run_id, params=params)
+    return MlflowTracker(client, run_id)
+
+
+def _resumed_run(client: Any, pointer: dict[str, str] | None, uri: str) -> str | None:
+    """The run id named by the run directory's pointer, reopened, when it is in this store."""
+    if pointer is None or pointer["tracking_uri"] != uri:
+        return None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.update_run(pointer["run_id"], status="RUNNING")
+    except MlflowException:
+        return None
+    return pointer["run_id"]
+
+
+TRACKERS: dict[str, Callable[[Path, dict[str, Any], str], Tracker]] = {
+    "none": no_tracker,
+    "tensorboard": tensorboard_tracker,
+    "mlflow": mlflow_tracker,
+}

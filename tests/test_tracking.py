@@ -1,0 +1,228 @@
+"""Trackers: each stage of a results.json goes to TensorBoard / MLflow, read back with the library's
+own reader and compared with the file; ``none`` needs neither library."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from meduniverse_flwr.outcome import NodeReport, StageOutcome
+from meduniverse_flwr.results import RunOutputs, read_results, stage_entry, summarize
+from meduniverse_flwr.tracking import MLFLOW_POINTER, TRACKERS, artifact_root, mlflow_target
+
+CONFIG = {"strategy": "stagewise", "num-stages": 2, "lr": 0.001, "node-metrics": True, "resume-from": ""}
+
+
+def outcome(stage):
+    """Three tasks (one held out, one whose name MLflow would refuse), a missing score at stage 1."""
+    per_task = {"organ+ct": {"accuracy": 0.5 + 0.1 * stage, "auc": 0.7 + 0.05 * stage, "held_out": False},
+                "blood": {"accuracy": None if stage == 1 else 0.4, "auc": None, "held_out": False},
+                "derma": {"accuracy": 0.3, "auc": 0.6, "held_out": True}}
+    nodes = [NodeReport(node=11, task="organ+ct", train_loss=1.0 / (stage + 1), val_accuracy=0.6, val_auc=None,
+                        seconds=2.0, update_ratio=0.01 * stage, clipped=False)] if stage else []
+    return StageOutcome(participants=["organ+ct", "blood"] if stage else [], nodes=nodes,
+                        train_loss=0.9 - 0.1 * stage if stage else None, bytes_up=123_456 * stage,
+                        bytes_down=654_321 * stage, per_task=per_task)
+
+
+@pytest.fixture
+def results(tmp_path):
+    """A 3-stage results.json written by RunOutputs, read back checked: (run dir, its stages)."""
+    outputs = RunOutputs(tmp_path / "outputs" / "run-a", CONFIG, [])
+    outputs.dir.mkdir(parents=True)
+    for stage in range(3):
+        entry = stage_entry(stage, outcome(stage), seconds=1.5 + stage)
+        if stage == 2:
+            entry["epsilon"] = 3.25  # what a DP run adds
+        outputs.add_stage(entry)
+    return outputs.dir, read_results(outputs.results_path)["stages"]
+
+
+def track(name, run_dir, stages, run_config=CONFIG):
+    """Log stage by stage as the ServerApp does: the summary of the stages so far."""
+    tracker = TRACKERS[name](run_dir, run_config, run_dir.name)
+    for i, entry in enumerate(stages):
+        tracker.log_stage(entry, summarize(stages[: i + 1]))
+    tracker.close()
+
+
+def expected(stages):
+    """{metric: {step: value}} straight from results.json, None left out."""
+    series = {}
+
+    def put(name, step, value):
+        if value is not None:
+            series.setdefault(name, {})[step] = value
+
+    gains = summarize(stages)["accuracy_gain"]
+    for s in stages:
+        step = s["stage"]
+        for key in ("mean_accuracy", "mean_accuracy_held_out", "train_loss", "bytes_up", "bytes_down", "seconds",
+                    "epsilon"):
+            put(key, step, s.get(key))
+        put("accuracy_gain", step, gains[step])
+        for task, scores in s["per_task"].items():
+            for key in ("accuracy", "auc"):
+                put(f"per_task/{task.replace('+', '_')}/{key}", step, scores[key])
+        for node in s["nodes"]:
+            for key in ("val_accuracy", "val_auc", "train_loss", "update_ratio"):
+                put(f"node/{node['task'].replace('+', '_')}-{node['node']}/{key}", step, node[key])
+    return series
+
+
+def test_the_expected_series_cover_every_kind_of_value(results):
+    series = expected(results[1])
+    assert series["per_task/blood/accuracy"] == {0: 0.4, 2: 0.4}  # the missing score is skipped
+    assert series["epsilon"] == {2: 3.25} and "per_task/blood/auc" not in series
+    assert set(series["node/organ_ct-11/val_accuracy"]) == {1, 2} and "node/organ_ct-11/val_auc" not in series
+    assert series["accuracy_gain"][2] == pytest.approx(0.1) and "mean_accuracy_held_out" in series
+
+
+def test_tensorboard_holds_results_json(results):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    run_dir, stages = results
+    track("tensorboard", run_dir, stages)
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    logged = {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+    want = expected(stages)
+    assert logged.keys() == want.keys()
+    for name, values in want.items():  # TensorBoard keeps float32
+        assert logged[name] == pytest.approx(values, rel=1e-6), name
+    start = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    hparams = HParamsPluginData.FromString(start).session_start_info.hparams
+    assert {k: getattr(v, v.WhichOneof("kind")) for k, v in hparams.items()} == CONFIG
+
+
+def test_mlflow_holds_results_json_in_a_store_next_to_the_runs(results, monkeypatch):
+    from mlflow import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    run_dir, stages = results
+    track("mlflow", run_dir, stages)
+    client = MlflowClient(f"sqlite:///{run_dir.parent / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("meduniverse")
+    assert experiment.artifact_location == (run_dir.parent / "mlartifacts").as_uri()
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.run_name == "run-a" and run.info.status == "FINISHED"
+    assert run.data.tags["run_dir"] == str(run_dir.resolve())
+    assert run.data.params == {k: str(v) for k, v in CONFIG.items()}
+    want = expected(stages)
+    assert run.data.metrics.keys() == want.keys()
+    for name, values in want.items():
+        assert {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)} == values, name
+    assert json.loads((run_dir / MLFLOW_POINTER).read_text())["run_id"] == run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def shared_store(tmp_path_factory):
+    """One MLflow store for the tests below (creating one costs ~2 s)."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def test_a_sweep_is_one_experiment_with_a_run_per_job(results, tmp_path, monkeypatch, shared_store):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", shared_store)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "sweep-1")
+    _, stages = results
+    for job in ("0", "1"):  # each job has its own output-dir (<job>/runs)
+        run_dir = tmp_path / "multirun" / job / "runs" / f"run-{job}"
+        run_dir.mkdir(parents=True)
+        track("mlflow", run_dir, stages, {**CONFIG, "seed": int(job)})
+    client = MlflowClient(shared_store)
+    runs = client.search_runs([client.get_experiment_by_name("sweep-1").experiment_id])
+    assert sorted((r.info.run_name, r.data.params["seed"]) for r in runs) == [("run-0", "0"), ("run-1", "1")]
+    assert not list(tmp_path.glob("multirun/*/runs/mlflow.db"))
+
+
+def test_a_resumed_run_continues_its_mlflow_run(results, monkeypatch, shared_store):
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", shared_store)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "resume")
+    run_dir, stages = results
+    track("mlflow", run_dir, stages[:2])
+    # resume-from and num-stages may change on resume; MLflow keeps a param's first value
+    resumed = TRACKERS["mlflow"](run_dir, {**CONFIG, "num-stages": 3, "resume-from": str(run_dir)}, "ignored")
+    resumed.log_stage(stages[2], summarize(stages))
+    resumed.close()
+    client = MlflowClient(shared_store)
+    [run] = client.search_runs([client.get_experiment_by_name("resume").experiment_id])
+    assert run.info.run_name == run_dir.name and run.info.status == "FINISHED"
+    assert run.data.params["num-stages"] == "2"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "seconds")] == [0, 1, 2]
+
+
+def test_the_mlflow_target_follows_mlflows_variables(tmp_path):
+    run_dir = tmp_path / "outputs" / "run-a"
+    assert mlflow_target(run_dir, {}) == (f"sqlite:///{tmp_path.resolve() / 'outputs' / 'mlflow.db'}", "meduniverse")
+    env = {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000", "MLFLOW_EXPERIMENT_NAME": "sweep"}
+    assert mlflow_target(run_dir, env) == ("http://127.0.0.1:5000", "sweep")
+    assert artifact_root("http://127.0.0.1:5000") is None  # a tracking server chooses
+
+
+@pytest.mark.parametrize("tracker, module", [("mlflow", "mlflow"), ("tensorboard", "torch.utils.tensorboard")])
+def test_a_missing_library_is_one_line_naming_the_extra(tracker, module, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, module, None)  # what an uninstalled package looks like to import
+    with pytest.raises(ImportError) as err:
+        TRACKERS[tracker](tmp_path, CONFIG, "run")
+    extra = "pip install 'meduniverse-flwr[tracking]'"
+    assert str(err.value) == f"tracker = '{tracker}' needs the {tracker} package: {extra}"
+
+
+def test_none_imports_neither_library(tmp_path):
+    code = ("import sys; from meduniverse_flwr.tracking import TRACKERS; "
+            f"t = TRACKERS['none']({str(tmp_path)!r}, {{}}, 'run'); t.log_stage({{}}, {{}}); t.close(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'tensorboard') "
+            "or m == 'torch.utils.tensorboard'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    assert not any(tmp_path.iterdir())
+
+
+def tensorboard_series(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "mlflow"])
+def test_a_federation_tracked_end_to_end_equals_its_results_json(tracker, run_config, tmp_path, monkeypatch):
+    """The ServerApp itself logs every stage; the library's own reader gives back results.json."""
+    from conftest import write_medmnist
+    from flwr.app import Context, RecordDict
+    from simulation.inprocess import InProcessGrid
+
+    from meduniverse_flwr import server_app
+    from meduniverse_flwr.client_app import app as client_app
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    sites = ",".join(f"medmnist:{write_medmnist(tmp_path, flag, n=(24, 8, 8))}" for flag in ("bloodmnist", "pathmnist"))
+    config = run_config(datasets=sites, num_stages=2, clients_per_stage=2, pretrain="none", probe_epochs=1,
+                        tracker=tracker)
+    server_app.main(InProcessGrid(client_app, config, 2),
+                    Context(run_id=4, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    run_dir = (tmp_path / "outputs" / "latest").resolve()
+    want = expected(read_results(run_dir / "results.json")["stages"])
+    if tracker == "tensorboard":
+        logged = tensorboard_series(run_dir / "tensorboard")
+        assert logged.keys() == want.keys()
+        for name, values in want.items():  # TensorBoard keeps float32
+            assert logged[name] == pytest.approx(values, rel=1e-6), name
+    else:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+        [run] = client.search_runs([client.get_experiment_by_name("meduniverse").experiment_id])
+        assert run.info.status == "FINISHED" and run.data.params["tracker"] == "mlflow"
+        assert run.data.metrics.keys() == want.keys()
+        for name, values in want.items():
+            assert {m.step: m.value for m in client.get_metric_history(run.info.run_id, name)} == values, name
