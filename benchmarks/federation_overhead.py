@@ -56,7 +56,7 @@ def plain_loop(config: RunConfig) -> list[float]:
             state = {**{k: torch.from_numpy(v.copy()) for k, v in base.items()}, **head}
             settings = TrainSettings(config.local_epochs, config.lr, config.weight_decay, config.batch_size,
                                      derive_seed(config.seed, stage, "train", task.card.name), device)
-            backbone, metrics = train_on_task(config.model, config.image_size, task, state, settings,
+            backbone, _, metrics = train_on_task(config.model, config.image_size, task, state, settings,
                                               validate=config.node_metrics)
             running.add({k: v.numpy() for k, v in backbone.items()}, metrics["num-examples"])
         base = mix(base, running.result(), config.server_mix)

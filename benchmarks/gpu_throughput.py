@@ -94,14 +94,14 @@ def bare(name: str, size: int, data: TaskData, batch: int, device: torch.device)
 
 def node_paths(device: torch.device) -> dict[str, float]:
     """A node's whole train and evaluation paths on ``device`` (what device=auto picks), timed."""
-    card = TaskCard("synthetic", "test", CLASSES, "multiclass", 512, 256)
+    card = TaskCard("synthetic", "test", CLASSES, "multiclass", 512, 256, 128)
     task = NodeTask(card, synthetic(512, 28), synthetic(128, 28), synthetic(256, 28))
     base = create_backbone("vit-tiny", 28).state_dict()
     head = new_head_state(embed_dim("vit-tiny"), CLASSES, 0)
     settings = TrainSettings(2, 1e-3, 0.05, 64, 0, device)
     seconds = {}
     started = time.perf_counter()
-    backbone, metrics = train_on_task("vit-tiny", 28, task, {**base, **head}, settings, validate=True)
+    backbone, _, metrics = train_on_task("vit-tiny", 28, task, {**base, **head}, settings, validate=True)
     seconds["train_on_task"] = time.perf_counter() - started
     assert all(v.device.type == "cpu" for v in backbone.values()) and np.isfinite(metrics["train-loss"])
     for protocol in EVAL_PROTOCOLS:

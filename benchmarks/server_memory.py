@@ -85,7 +85,7 @@ def one_stage(k: int, model: str, image_size: int) -> None:
             raise NotImplementedError
 
     strategy = StageWise(RunConfig.with_defaults(clients_per_stage=k, model=model, image_size=image_size))
-    strategy.cards = {node: TaskCard(f"task-{node}", "synthetic", 2, "binary", 100, 100) for node in range(k)}
+    strategy.cards = {node: TaskCard(f"task-{node}", "synthetic", 2, "binary", 100, 100, 100) for node in range(k)}
     before = peak_rss_mb()
     new_base, metrics = strategy.run_train_stage(SyntheticGrid(), 1, base)
     assert metrics["replies"] == k

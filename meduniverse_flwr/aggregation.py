@@ -2,7 +2,8 @@
 
 No Flower and no torch here. The server folds each valid reply into a
 ``RunningAggregate`` as it arrives (memory stays flat in the number of
-replies), then mixes the result with the previous base. ``check_update`` and
+replies), then mixes the result with the previous base. The fold does not depend on
+the order in which replies arrive, so a run gives the same base however its nodes race. ``check_update`` and
 the norm helpers are the numeric half of ``validation.check_train_reply``.
 """
 
@@ -127,7 +128,14 @@ def update_weight(rule: str, num_examples: float) -> float:
 
 
 class RunningAggregate:
-    """Weighted sum in float64, one update at a time; ``result()`` is the weighted mean."""
+    """Weighted sum, one update at a time; ``result()`` is the weighted mean.
+
+    Each term (a float32 value times an integer weight below 2**29) is exact in float64, and the
+    sum is kept as a float64 pair (sum, error) through Knuth's TwoSum, whose error term is exact
+    unless one coordinate's terms span over 2**50 in magnitude. ``result()`` rounds that exact sum
+    once, so it is the same for every arrival order, where a plain float64 sum differs in its last
+    bits, and after rounding to float32 now and then in a weight.
+    """
 
     def __init__(self, rule: str) -> None:
         update_weight(rule, 1)  # reject an unknown rule now, not at the first reply
@@ -135,6 +143,7 @@ class RunningAggregate:
         self.count = 0
         self.total_weight = 0.0
         self._sums: dict[str, np.ndarray] = {}
+        self._errors: dict[str, np.ndarray] = {}
         self._dtypes: dict[str, np.dtype] = {}
 
     def add(self, update: Arrays, num_examples: float) -> None:
@@ -144,16 +153,42 @@ class RunningAggregate:
         for name, arr in update.items():
             if name not in self._sums:
                 self._sums[name] = np.zeros(arr.shape, dtype=np.float64)
+                self._errors[name] = np.zeros(arr.shape, dtype=np.float64)
                 self._dtypes[name] = arr.dtype
-            # in-place multiply-add: no temporary of the whole backbone
-            np.add(self._sums[name], np.multiply(arr, weight, dtype=np.float64), out=self._sums[name])
+            _two_sum_into(self._sums[name], self._errors[name], np.asarray(arr), weight)
         self.count += 1
         self.total_weight += weight
 
     def result(self) -> dict[str, np.ndarray]:
         if self.count == 0:
             raise ValueError("no update was aggregated")
-        return {k: (s / self.total_weight).astype(self._dtypes[k]) for k, s in self._sums.items()}
+        return {k: ((s + self._errors[k]) / self.total_weight).astype(self._dtypes[k]) for k, s in self._sums.items()}
+
+
+# Elements per step of the fold: its three scratch arrays stay in the CPU cache, and no
+# temporary of a whole array is allocated per reply.
+FOLD_CHUNK = 1 << 15
+
+
+def _two_sum_into(total: np.ndarray, error: np.ndarray, values: np.ndarray, weight: float) -> None:
+    """total += values * weight in place (float64), and the exact rounding error of each addition
+    (Knuth's TwoSum) into ``error``."""
+    totals, errors, flat = total.reshape(-1), error.reshape(-1), values.reshape(-1)
+    term, new_total, virtual = np.empty((3, min(FOLD_CHUNK, flat.size)))
+    for start in range(0, flat.size, FOLD_CHUNK):
+        part = slice(start, start + FOLD_CHUNK)
+        n = len(flat[part])
+        t, s, v, old = term[:n], new_total[:n], virtual[:n], totals[part]
+        np.multiply(flat[part], weight, out=t, dtype=np.float64)
+        np.add(old, t, out=s)
+        np.subtract(s, old, out=v)
+        # exact error = (old - (s - v)) + (t - v); that last addition is exact too
+        np.subtract(t, v, out=t)
+        np.subtract(s, v, out=v)
+        np.subtract(old, v, out=v)
+        np.add(v, t, out=t)
+        np.add(errors[part], t, out=errors[part])
+        old[...] = s
 
 
 def aggregate(updates: Iterable[tuple[Arrays, float]], rule: str) -> dict[str, np.ndarray]:

@@ -4,6 +4,10 @@
 ``train``    -> fine-tune base + fresh head on the local train split, reply with the backbone only
 ``evaluate`` -> score the received base for the local task (``eval-mode``: linear probe or fine-tune)
 
+What a node keeps between messages (in ``context.state``, which Flower keeps per run and node)
+depends on the strategy (``STRATEGIES[...].node_keeps``): nothing, its own head (``fedavg``,
+FedPer-style) or its own backbone and head (``local``, which is also scored on its own backbone).
+
 A node reads from the run config only where its data are (``config.NODE_DATA_KEYS``);
 everything else, model and arrays' encoding included, comes in each message's
 ``config`` record. Server-side settings (checkpoint paths, ``resume-from``,
@@ -13,16 +17,31 @@ files and node config.
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from .config import NODE_DATA_KEYS, read_keys
 from .data import NodeTask, load_node_task, options_from
 from .data.partition import node_dataset
 from .messages import Instructions, pack, unpack_torch
+from .model import split_state
+from .strategy import STRATEGIES
 from .task import evaluate_base, train_on_task
 
 app = ClientApp()
+KEPT = "meduniverse-kept"  # the context.state record of what the node keeps
+
+
+def kept_state(context: Context, keeps: str, sent: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``sent`` with the arrays the node kept (per ``keeps``) in place of the same names; as sent
+    when it keeps nothing or has nothing yet (its first message of the run)."""
+    if keeps == "nothing" or KEPT not in context.state.array_records:
+        return sent
+    kept = context.state.array_records[KEPT].to_torch_state_dict()
+    if keeps == "head":
+        kept = split_state(kept)[1]
+    return {**sent, **{name: value for name, value in kept.items() if name in sent}}
 
 
 def node_task(context: Context, image_size: int) -> NodeTask:
@@ -54,9 +73,12 @@ def query(message: Message, context: Context) -> Message:
 def train(message: Message, context: Context) -> Message:
     sent = instructions(message)
     task = node_task(context, sent.image_size)
-    state = unpack_torch(message.content.array_records["arrays"], sent.transport_dtype)
-    backbone, metrics = train_on_task(sent.model, sent.image_size, task, state, sent.train_settings(),
-                                      validate=sent.node_metrics)
+    keeps = STRATEGIES[sent.strategy].node_keeps
+    state = kept_state(context, keeps, unpack_torch(message.content.array_records["arrays"], sent.transport_dtype))
+    backbone, head, metrics = train_on_task(sent.model, sent.image_size, task, state, sent.train_settings(),
+                                            validate=sent.node_metrics)
+    if keeps != "nothing":
+        context.state.array_records[KEPT] = ArrayRecord(head if keeps == "head" else {**backbone, **head})
     content = RecordDict({"arrays": pack(backbone, sent.transport_dtype), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=message)
 
@@ -66,5 +88,7 @@ def evaluate(message: Message, context: Context) -> Message:
     sent = instructions(message)
     task = node_task(context, sent.image_size)
     backbone = unpack_torch(message.content.array_records["arrays"], sent.transport_dtype)
+    if STRATEGIES[sent.strategy].node_keeps == "model":  # scored on its own backbone, once it has one
+        backbone = kept_state(context, "model", backbone)
     metrics = evaluate_base(sent.model, sent.image_size, task, backbone, sent.eval_mode, sent.train_settings())
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)

@@ -67,9 +67,11 @@ class RunConfig:
     eval_mode: str
     eval_epochs: int
     probe_epochs: int
+    eval_split: str
     batch_size: int
     lr: float
     weight_decay: float
+    layer_decay: float
     seed: int
     stage_timeout: float
     oversample: float
@@ -189,9 +191,11 @@ CHECKS: dict[str, Check] = {
     "eval-mode": _one_of("task", "EVAL_PROTOCOLS"),
     "eval-epochs": _at_least(1),
     "probe-epochs": _at_least(1),
+    "eval-split": _one_of("task", "EVAL_SPLITS"),
     "batch-size": _at_least(1),
     "lr": _rule(lambda value: value > 0, "must be > 0"),
     "weight-decay": _at_least(0),
+    "layer-decay": _rule(lambda value: 0.0 < value <= 1.0, "must be in (0, 1] (1.0: no layer-wise lr decay)"),
     "stage-timeout": _rule(lambda value: value > 0, "must be > 0"),
     "oversample": _rule(lambda value: value >= 1.0, "must be >= 1 (ask at least K nodes)"),
     "min-replies": _at_least(1),

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import reprlib
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -12,11 +16,30 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from .config import ConfigError, read_keys
 from .task import TrainSettings, resolve_device
-from .transport import decode, encode
+from .transport import TRANSPORT_DTYPES, decode, encode
+
+# Flower moves every Array of a record as its own object, one request each (over TLS with node
+# authentication: ~30 ms each on the loopback benchmark), so ``pack`` sends the arrays of one call
+# as one flat buffer in the wire dtype, named by its index: ``"packed:" + JSON [[name, shape], ...]``.
+PACKED = "packed:"
+# An index is a few dozen characters per array; a longer one is not one that ``pack`` wrote.
+MAX_INDEX_CHARS = 1 << 20
+MAX_NDIM = 8
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {name: array.numpy() for name, array in record.items()}
+    """One array per name -> NumPy; ValueError naming the entry if one is not a plain array."""
+    return {name: _numpy(array, name) for name, array in record.items()}
+
+
+def _numpy(array: Array, name: str) -> np.ndarray:
+    try:
+        value = array.numpy()  # np.load without pickles
+    except (TypeError, ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{reprlib.repr(name)} cannot be read ({err})") from None
+    if not isinstance(value, np.ndarray):  # np.load also opens .npz archives
+        raise ValueError(f"{reprlib.repr(name)} is not an array")
+    return value
 
 
 def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
@@ -24,14 +47,66 @@ def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
 
 
 def pack(arrays: Mapping[str, np.ndarray | torch.Tensor], transport_dtype: str) -> ArrayRecord:
-    """float arrays or tensors -> an ArrayRecord in the transport dtype."""
+    """float arrays or tensors -> an ArrayRecord in the transport dtype with one packed entry
+    (records of several calls merge with ``{**a, **b}``: their entries are named by their arrays)."""
     plain = {k: v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else v for k, v in arrays.items()}
-    return to_record(encode(plain, transport_dtype))
+    encoded = encode(plain, transport_dtype)
+    index = json.dumps([[name, list(value.shape)] for name, value in encoded.items()], separators=(",", ":"))
+    wire_dtype = TRANSPORT_DTYPES[transport_dtype].wire_dtype
+    data = np.concatenate([value.reshape(-1) for value in encoded.values()]) if encoded else np.empty(0, wire_dtype)
+    return ArrayRecord({PACKED + index: Array(data)})
 
 
 def unpack(record: ArrayRecord, transport_dtype: str) -> dict[str, np.ndarray]:
-    """An ArrayRecord in the transport dtype -> float32 arrays (ValueError if it is not)."""
-    return decode(to_numpy(record), transport_dtype)
+    """A packed ArrayRecord (or one array per name) in the transport dtype -> float32 arrays;
+    ValueError (one line) if it is neither, or not in that dtype."""
+    packed = [key for key in record if key.startswith(PACKED)]
+    if not packed:
+        return decode(to_numpy(record), transport_dtype)
+    if len(packed) != len(record):
+        raise ValueError("record mixes packed and one-array entries")
+    arrays: dict[str, np.ndarray] = {}
+    for key in packed:
+        for name, value in _unpacked(key, _numpy(record[key], key)).items():
+            if name in arrays:
+                raise ValueError(f"packed record: {reprlib.repr(name)} appears twice")
+            arrays[name] = value
+    return decode(arrays, transport_dtype)
+
+
+def _unpacked(key: str, data: np.ndarray) -> dict[str, np.ndarray]:
+    """One packed entry -> views of its buffer, the buffer's size checked against the index."""
+    entries = _parse_index(key[len(PACKED):])
+    if data.ndim != 1:
+        raise ValueError(f"packed entry {reprlib.repr(key)} has shape {data.shape}, expected a flat buffer")
+    sizes = [math.prod(shape) for _, shape in entries]
+    if sum(sizes) != data.size:
+        raise ValueError(f"packed entry {reprlib.repr(key)} holds {data.size} values, its index names {sum(sizes)}")
+    views = np.split(data, np.cumsum(sizes)[:-1]) if entries else []
+    return {name: view.reshape(shape) for (name, shape), view in zip(entries, views)}
+
+
+def _parse_index(index: str) -> list[tuple[str, tuple[int, ...]]]:
+    """``[[name, shape], ...]`` with unique names and shapes of at most MAX_NDIM sizes >= 0."""
+    where = f"packed entry {reprlib.repr(PACKED + index)}"
+    if len(index) > MAX_INDEX_CHARS:
+        raise ValueError(f"{where}: index longer than {MAX_INDEX_CHARS} characters")
+    try:
+        entries = json.loads(index)
+    except ValueError as err:
+        raise ValueError(f"{where}: index is not JSON ({err})") from None
+    if not isinstance(entries, list):
+        raise ValueError(f"{where}: index is not a list")
+    parsed = []
+    for entry in entries:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], list) and len(entry[1]) <= MAX_NDIM
+                and all(type(size) is int and size >= 0 for size in entry[1])):
+            raise ValueError(f"{where}: {reprlib.repr(entry)} is not [name, shape]")
+        parsed.append((entry[0], tuple(entry[1])))
+    if len({name for name, _ in parsed}) != len(parsed):
+        raise ValueError(f"{where}: index names an array twice")
+    return parsed
 
 
 def unpack_torch(record: ArrayRecord, transport_dtype: str) -> dict[str, torch.Tensor]:
@@ -56,8 +131,11 @@ class Instructions:
     batch_size: int
     seed: int
     eval_mode: str
+    layer_decay: float
+    eval_split: str
     node_metrics: bool
     compile: bool
+    strategy: str  # what the node keeps between messages (``strategy.STRATEGIES[...].node_keeps``)
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)})
@@ -73,4 +151,4 @@ class Instructions:
 
     def train_settings(self) -> TrainSettings:
         return TrainSettings(self.epochs, self.lr, self.weight_decay, self.batch_size, self.seed,
-                             resolve_device(self.device), self.compile)
+                             resolve_device(self.device), self.compile, self.layer_decay, self.eval_split)

@@ -13,6 +13,11 @@ enter it.
 The class implements all of Flower's ``Strategy`` methods, so Flower's own
 ``start()`` drives it too; ``run_train_stage`` is the streaming form the
 ServerApp uses (replies are pulled as they arrive, never all held at once).
+
+The comparison strategies subclass it and change one thing each: what a node keeps
+between messages (``FedPer``: its head; ``Local``: its whole model, and no base update),
+the order of training (``Cyclic``: one node after another) or where training happens
+(``Centralized``: on the server, on pooled data, which breaks privacy).
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.common import log
@@ -32,10 +38,11 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 
 from .aggregation import RunningAggregate, mix
 from .config import RunConfig
-from .data import TaskCard
+from .data import TaskCard, load_node_task, options_from
 from .messages import Instructions, pack, to_numpy, to_record, unpack
 from .model import new_head_state
 from .outcome import NodeReport, StageOutcome
+from .pooled import train_pooled
 from .seeds import derive_seed
 from .task import EVAL_PROTOCOLS
 from .validation import (EvalScore, Rejected, TrainUpdate, admit_cards, check_eval_reply, check_train_reply,
@@ -54,6 +61,10 @@ class StageFailed(RuntimeError):
 class StageWise(Strategy):
     """Stage-wise aggregation of backbones from clients with different task heads."""
 
+    # What a node keeps between its messages (client_app reads it): "nothing" (a fresh head from the
+    # server every stage), "head" (its own head across stages) or "model" (its own backbone and head).
+    node_keeps = "nothing"
+
     def __init__(self, config: RunConfig) -> None:
         self.clients_per_stage = config.clients_per_stage
         self.aggregation = config.aggregation
@@ -66,9 +77,9 @@ class StageWise(Strategy):
         self.min_replies = config.min_replies
         self.max_update_ratio = config.max_update_ratio
         self.on_excess_update = config.on_excess_update
-        self.train_instructions = Instructions(
-            config.model, config.image_size, config.transport_dtype, config.device, config.local_epochs, config.lr,
-            config.weight_decay, config.batch_size, config.seed, config.eval_mode, config.node_metrics, config.compile)
+        self.train_instructions = Instructions(**{
+            field.name: getattr(config, "local_epochs" if field.name == "epochs" else field.name)
+            for field in dataclasses.fields(Instructions)})
         epochs_key = EVAL_PROTOCOLS[config.eval_mode].epochs_key
         self.evaluate_instructions = dataclasses.replace(self.train_instructions,
                                                          epochs=config.to_run_config()[epochs_key])
@@ -124,9 +135,15 @@ class StageWise(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Base backbone + a fresh head per node's card; starts the stage's aggregate."""
-        if not self.cards:
-            self.query_cards(grid)
-        self._start_stage(arrays)
+        self._start_stage(grid, arrays)
+        sampled = self.sample_train_nodes(server_round)
+        # serialise the base once; every message shares its arrays and adds its own head
+        base = dict(pack(self._base, self.transport_dtype))
+        self._outbox = [self.train_message(node, server_round, base, config) for node in sampled]
+        return self._outbox
+
+    def sample_train_nodes(self, server_round: int) -> list[int]:
+        """The stage's ``ceil(oversample * K)`` trainable nodes (a seeded sample, in node order)."""
         candidates = self.trainable_nodes()
         if self.clients_per_stage > len(candidates):
             log(WARNING, "clients-per-stage=%d but only %d trainable nodes: the stage ends after %d replies",
@@ -134,26 +151,24 @@ class StageWise(Strategy):
         # ask M = ceil(oversample * K) nodes so that slow or dead ones do not hold the stage up
         m = min(len(candidates), math.ceil(self.oversample * self.clients_per_stage))
         rng = np.random.default_rng(derive_seed(self.seed, server_round, "sample"))
-        sampled = sorted(rng.choice(candidates, size=m, replace=False).tolist()) if m < len(candidates) else candidates
+        # indices, not ids: node ids are 64-bit unsigned, which a NumPy array of them can turn into floats
+        sampled = (sorted(candidates[int(i)] for i in rng.choice(len(candidates), size=m, replace=False))
+                   if m < len(candidates) else candidates)
         self._train_nodes = {node: self.cards[node] for node in sampled}
         self._stage = server_round
         log(INFO, "stage %d: asked %d node(s) to train: %s", server_round, len(sampled), self._describe(sampled))
-        # serialise the base once; every message shares its arrays and adds its own head
-        base = dict(pack(self._base, self.transport_dtype))
-        messages = []
-        for node in sampled:
-            card = self.cards[node]
-            head_seed = derive_seed(self.seed, server_round, "head", card.name)
-            head = pack(new_head_state(self._embed_dim(), card.n_classes, head_seed), self.transport_dtype)
-            sent = dataclasses.replace(self.train_instructions,
-                                       seed=derive_seed(self.seed, server_round, "train", card.name))
-            content = RecordDict({"arrays": ArrayRecord({**base, **head}),
-                                  "config": ConfigRecord({**sent.to_record(), **dict(config)})})
-            self.outcome.bytes_down += content.array_records["arrays"].count_bytes()
-            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN,
-                                    group_id=f"stage-{server_round}"))
-        self._outbox = messages
-        return messages
+        return sampled
+
+    def train_message(self, node: int, server_round: int, base: dict[str, Array], config: ConfigRecord) -> Message:
+        """One node's train message: ``base`` (packed) plus a fresh, seeded head sized to its card."""
+        card = self.cards[node]
+        head_seed = derive_seed(self.seed, server_round, "head", card.name)
+        head = pack(new_head_state(self._embed_dim(), card.n_classes, head_seed), self.transport_dtype)
+        sent = dataclasses.replace(self.train_instructions, seed=derive_seed(self.seed, server_round, "train", card.name))
+        content = RecordDict({"arrays": ArrayRecord({**base, **head}),
+                              "config": ConfigRecord({**sent.to_record(), **dict(config)})})
+        self.outcome.bytes_down += content.array_records["arrays"].count_bytes()
+        return Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=f"stage-{server_round}")
 
     def accept_train_reply(self, reply: Message) -> bool:
         """Validate one reply and fold it into the running aggregate; log why if rejected."""
@@ -169,7 +184,7 @@ class StageWise(Strategy):
         if update.excess is not None:
             log(WARNING, "stage reply from node %d: %s", node, update.excess)
         self.outcome.bytes_up += reply.content.array_records["arrays"].count_bytes()
-        self._running.add(update.arrays, update.num_examples)
+        self.fold(update)
         # a missing train-loss is not worth rejecting the update; the stage's mean says it is unknown
         self._loss_sum += math.nan if update.train_loss is None else update.train_loss
         task = self._train_nodes[node].name
@@ -177,19 +192,32 @@ class StageWise(Strategy):
         self.outcome.nodes.append(NodeReport(node, task, update.train_loss, update.val_accuracy, update.val_auc,
                                              update.seconds, round(update.update_ratio, 6), update.clipped))
         log(INFO, "stage %d: reply %d/%d from node %s accepted: train loss %s, val accuracy %s, update %.3f x base%s",
-            self._stage, self._running.count, self._target(), self._name(node), _shown(update.train_loss),
+            self._stage, self.accepted, self._target(), self._name(node), _shown(update.train_loss),
             _shown(update.val_accuracy), update.update_ratio, self._progress())
         return True
 
+    @property
+    def accepted(self) -> int:
+        """Valid replies so far in this stage."""
+        return len(self.outcome.participants)
+
+    def fold(self, update: TrainUpdate) -> None:
+        """Take one valid update into the stage's result."""
+        self._running.add(update.arrays, update.num_examples)
+
+    def next_base(self) -> dict[str, np.ndarray]:
+        """The base the stage's valid updates make."""
+        return mix(self._base, self._running.result(), self.server_mix)
+
     def finish_stage(self, server_round: int) -> tuple[ArrayRecord, MetricRecord]:
         """The next base from the replies folded so far; StageFailed below ``min_replies``."""
-        count = self._running.count
+        count = self.accepted
         if count < self.min_replies:
             raise StageFailed(f"stage {server_round}: {count} valid replies, fewer than min-replies="
                               f"{self.min_replies}; rejected: {self.outcome.rejected or 'none'}")
         if count < min(self.clients_per_stage, len(self._train_nodes)):
             log(WARNING, "stage %d ends with %d of %d replies", server_round, count, self.clients_per_stage)
-        new_base = mix(self._base, self._running.result(), self.server_mix)
+        new_base = self.next_base()
         self.outcome.participants.sort()
         self.outcome.nodes.sort(key=lambda report: (report.task, report.node))
         self.outcome.train_loss = self._loss_sum / count
@@ -200,7 +228,7 @@ class StageWise(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         for reply in replies:
-            if self._running.count >= self.clients_per_stage:
+            if self.accepted >= self.clients_per_stage:
                 log(INFO, "stage %d: late reply from node %d dropped", server_round, self._sender(reply))
                 continue
             self.accept_train_reply(reply)
@@ -214,11 +242,11 @@ class StageWise(Strategy):
         target = min(self.clients_per_stage, len(self._train_nodes))
         deadline = time.monotonic() + self.timeout
         interval = PULL_MIN
-        while pending and self._running.count < target and time.monotonic() < deadline:
+        while pending and self.accepted < target and time.monotonic() < deadline:
             replies = list(grid.pull_messages(pending))
             for reply in replies:
                 pending.discard(reply.metadata.reply_to_message_id)
-                if self._running.count < target:
+                if self.accepted < target:
                     self.accept_train_reply(reply)
                 del reply  # never hold more than one reply's arrays
             interval = PULL_MIN if replies else min(2 * interval, PULL_MAX)
@@ -226,7 +254,7 @@ class StageWise(Strategy):
                 time.sleep(interval)
         if pending:
             described = self._describe(node for node in self._train_nodes if node not in self._replied)
-            if self._running.count < target:
+            if self.accepted < target:
                 log(WARNING, "stage %d: timed out after %.0fs; no reply from nodes %s",
                     server_round, self.timeout, described)
             else:
@@ -266,7 +294,7 @@ class StageWise(Strategy):
             node = self._sender(reply)
             replied.add(node)
             try:
-                score = _check_evaluate_reply(reply, self.cards.get(node))
+                score = _check_evaluate_reply(reply, self.cards.get(node), self.evaluate_instructions.eval_split)
             except Rejected as reason:
                 log(WARNING, "stage %d evaluation: reply from node %s rejected: %s", server_round, self._name(node),
                     reason)
@@ -318,7 +346,7 @@ class StageWise(Strategy):
     def _progress(self) -> str:
         """``; 12s elapsed, ~24s left`` for a stage's log lines (the estimate from the pace so far)."""
         elapsed = time.monotonic() - self._stage_started
-        done = self._running.count
+        done = self.accepted
         left = f", ~{elapsed / done * (self._target() - done):.0f}s left" if 0 < done < self._target() else ""
         return f"; {elapsed:.0f}s elapsed{left}"
 
@@ -326,7 +354,9 @@ class StageWise(Strategy):
         card = self.cards.get(node)
         return f"{node} ({card.name})" if card else str(node)
 
-    def _start_stage(self, arrays: ArrayRecord) -> None:
+    def _start_stage(self, grid: Grid, arrays: ArrayRecord) -> None:
+        if not self.cards:
+            self.query_cards(grid)
         self._stage_started = time.monotonic()
         self._replied = set()
         self._base = to_numpy(arrays)
@@ -358,14 +388,14 @@ def _shown(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def _check_evaluate_reply(reply: Message, card: TaskCard | None) -> EvalScore:
+def _check_evaluate_reply(reply: Message, card: TaskCard | None, eval_split: str) -> EvalScore:
     if card is None:
         raise Rejected("node has no task card")
     if reply.has_error():
         raise Rejected(f"error reply ({reply.error.reason})")
     if "metrics" not in reply.content.metric_records:
         raise Rejected("reply lacks the 'metrics' record")
-    return check_eval_reply(reply.content.metric_records["metrics"], card)
+    return check_eval_reply(reply.content.metric_records["metrics"], card, eval_split)
 
 
 def task_score(scores: list[EvalScore], problems: list[str], held_out: bool) -> dict:
@@ -380,5 +410,93 @@ def task_score(scores: list[EvalScore], problems: list[str], held_out: bool) -> 
             "n_test": n_test, "held_out": held_out}
 
 
-# Federation strategies by name (``strategy``): each is built from the run config.
-STRATEGIES = {"stagewise": StageWise}
+class FedPer(StageWise):
+    """FedAvg of backbones, FedPer-style: every node keeps its own head across stages."""
+
+    node_keeps = "head"
+
+
+class Local(StageWise):
+    """No federation (the paper's baseline): each node fine-tunes its own copy of the stage-0 base,
+    stage after stage, and is scored on it; the server's base never changes."""
+
+    node_keeps = "model"
+
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__(config)
+        self.max_update_ratio = math.inf  # a node's own model drifts from the base; nothing is aggregated
+
+    def fold(self, update: TrainUpdate) -> None:
+        pass
+
+    def next_base(self) -> dict[str, np.ndarray]:
+        return self._base
+
+
+class Cyclic(StageWise):
+    """The base visits one node at a time: each fine-tunes what the previous one returned."""
+
+    def run_train_stage(
+        self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord | None = None
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        self._start_stage(grid, arrays)
+        order = self.sample_train_nodes(server_round)
+        rng = np.random.default_rng(derive_seed(self.seed, server_round, "visits"))
+        deadline = time.monotonic() + self.timeout
+        for node in [order[int(i)] for i in rng.permutation(len(order))]:
+            if self.accepted >= self._target() or time.monotonic() >= deadline:
+                break
+            message = self.train_message(node, server_round, dict(pack(self._base, self.transport_dtype)),
+                                         config or ConfigRecord())
+            self._outbox = [message]
+            for reply in grid.send_and_receive([message], timeout=max(0.0, deadline - time.monotonic())):
+                if self.accept_train_reply(reply):
+                    self._base = self._running.result()  # the next node starts from this one's backbone
+                    self._running = RunningAggregate(self.aggregation)
+            if node not in self._replied:
+                log(WARNING, "stage %d: no reply from node %s before the timeout", server_round, self._name(node))
+        return self.finish_stage(server_round)
+
+    def next_base(self) -> dict[str, np.ndarray]:
+        return self._base
+
+
+class Centralized(StageWise):
+    """Upper reference that BREAKS PRIVACY: the server trains one model (one head per task) on the
+    pooled training data of every training task; nodes only score its bases."""
+
+    def __init__(self, config: RunConfig) -> None:
+        super().__init__(config)
+        self.config = config
+        self.heads: dict[str, dict[str, torch.Tensor]] = {}  # kept across stages, like the backbone
+
+    def summary(self) -> None:
+        log(WARNING, "strategy centralized: the server pools every task's training data (breaks privacy; "
+            "an upper reference, not a federation)")
+        super().summary()
+
+    def run_train_stage(
+        self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord | None = None
+    ) -> tuple[ArrayRecord, MetricRecord]:
+        self._start_stage(grid, arrays)
+        self._stage = server_round
+        options = options_from(vars(self.config), self.config.image_size)
+        tasks = {task.card.name: task for task in (load_node_task(entry, 0, 1, options)
+                                                   for entry in self.config.training_datasets)}
+        settings = dataclasses.replace(self.train_instructions,
+                                       seed=derive_seed(self.seed, server_round, "train", "pooled")).train_settings()
+        backbone = {name: torch.from_numpy(value) for name, value in self._base.items()}
+        backbone, self.heads, loss = train_pooled(self.config.model, self.config.image_size, tasks, backbone,
+                                                  self.heads, settings)
+        self.outcome.participants = sorted(tasks)
+        self.outcome.train_loss = loss
+        log(INFO, "stage %d: trained on the pooled data of %s: train loss %.4f%s", server_round,
+            ", ".join(sorted(tasks)), loss, self._progress())
+        return to_record({name: value.numpy() for name, value in backbone.items()}), MetricRecord(
+            {"replies": 0, "train-loss": loss})
+
+
+# Federation strategies by name (``strategy``): each is built from the run config. ``centralized``
+# pools every task's training data on the server: an upper reference that breaks privacy.
+STRATEGIES: dict[str, type[StageWise]] = {"stagewise": StageWise, "fedavg": FedPer, "local": Local,
+                                         "cyclic": Cyclic, "centralized": Centralized}

@@ -33,6 +33,11 @@ class TrainSettings:
     seed: int
     device: torch.device
     compile: bool = False  # torch.compile the model (pays off for long runs on a GPU; see benchmarks/README.md)
+    layer_decay: float = 1.0  # layer-wise lr decay (MAE / BEiT); 1.0 = one lr for every layer
+    eval_split: str = "test"  # the split the evaluation protocols score on: "test" or "val" (for choosing settings)
+
+
+EVAL_SPLITS = ("test", "val")
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -87,8 +92,52 @@ def cosine_with_warmup(total_steps: int, warmup_fraction: float = WARMUP_FRACTIO
     return factor
 
 
+# Leading parameters of a timm ViT that sit below block 0 for layer-wise lr decay.
+_EMBEDDING_PREFIXES = ("cls_token", "reg_token", "dist_token", "pos_embed", "patch_embed.", "norm_pre.")
+
+
+def _layer_id(name: str, num_blocks: int) -> int:
+    """MAE / BEiT layer index: embeddings 0, ``blocks.i`` i + 1, everything after the blocks num_blocks + 1."""
+    if name.startswith(_EMBEDDING_PREFIXES):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return num_blocks + 1
+
+
+def param_groups(model: nn.Module, weight_decay: float, lr: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW parameter groups of MAE's fine-tuning recipe.
+
+    No weight decay on the model's ``no_weight_decay()`` names (timm ViT: ``pos_embed``,
+    ``cls_token``, ...) nor on any 1-d parameter (norm weights, biases). With ``layer_decay`` < 1
+    each layer's lr is scaled by ``layer_decay ** (num_blocks + 1 - layer_id)``: the head (and the
+    final norm) keep ``lr``, block i gets ``lr * decay ** (num_blocks - i)``, the patch / position
+    embeddings and the class token ``lr * decay ** (num_blocks + 1)``. A model without blocks (a
+    linear probe's ``nn.Linear``) is one layer at ``lr``. Each group carries ``param_names`` and
+    ``lr_scale``; parameters that do not train are left out.
+    """
+    skip = set(model.no_weight_decay()) if callable(getattr(model, "no_weight_decay", None)) else set()
+    blocks = getattr(model, "blocks", None)
+    num_blocks = len(blocks) if isinstance(blocks, nn.Sequential | nn.ModuleList) else 0
+    groups: dict[tuple[bool, int], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = param.ndim > 1 and name not in skip
+        layer = _layer_id(name, num_blocks) if num_blocks else 0
+        scale = layer_decay ** (num_blocks + 1 - layer) if num_blocks else 1.0
+        key = (decay, layer if layer_decay != 1.0 else 0)
+        if key not in groups:
+            groups[key] = {"params": [], "param_names": [], "weight_decay": weight_decay if decay else 0.0,
+                           "lr": lr * scale, "lr_scale": scale}
+        groups[key]["params"].append(param)
+        groups[key]["param_names"].append(name)
+    return list(groups.values())
+
+
 def fit(model: nn.Module, data: TaskData, label_kind: str, settings: TrainSettings, augment: bool = True) -> float:
-    """Train ``model`` on ``data`` (AdamW, warm-up + cosine); returns the mean loss of the last epoch.
+    """Train ``model`` on ``data`` (AdamW with ``param_groups``, warm-up + cosine); returns the mean
+    loss of the last epoch.
 
     The data move to the device once, and the loss stays there until the epoch ends: on a GPU
     the loop then never waits for a host copy or a sync.
@@ -98,7 +147,7 @@ def fit(model: nn.Module, data: TaskData, label_kind: str, settings: TrainSettin
     forward = torch.compile(model) if settings.compile else model
     images, labels = data.images.to(device, non_blocking=True), data.labels.to(device, non_blocking=True)
     generator = torch.Generator().manual_seed(settings.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay, settings.lr, settings.layer_decay))
     steps_per_epoch = math.ceil(len(data) / settings.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(settings.epochs * steps_per_epoch))
     epoch_loss = float("nan")
@@ -164,10 +213,10 @@ def linear_probe(
 def train_on_task(
     model_name: str, image_size: int, task: NodeTask, state: dict[str, torch.Tensor], settings: TrainSettings,
     validate: bool,
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, float]]:
     """Fine-tune base + head (``state``) on the node's train split.
 
-    Returns the fine-tuned backbone (the head stays on the node) and the metrics
+    Returns the fine-tuned backbone, the head (which stays on the node) and the metrics
     the server reads: num-examples, train-loss, seconds and, with ``validate``,
     val-accuracy and val-auc (the site's own score of its fine-tuned model).
     """
@@ -180,28 +229,37 @@ def train_on_task(
         val = score(predict(model, task.val.images, settings.batch_size, settings.device), task.val.labels,
                     task.card.label_kind)
         metrics.update({"val-accuracy": val["accuracy"], "val-auc": val["auc"]})
-    backbone, _ = split_state({k: v.detach().cpu() for k, v in model.state_dict().items()})
-    return backbone, {**metrics, "seconds": time.perf_counter() - started}
+    backbone, head = split_state({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    return backbone, head, {**metrics, "seconds": time.perf_counter() - started}
+
+
+def eval_data(task: NodeTask, eval_split: str) -> TaskData:
+    """The split the evaluation protocols score on (``eval-split``); the other one is never read."""
+    if eval_split not in EVAL_SPLITS:
+        raise ValueError(f"eval split '{eval_split}': choose one of {EVAL_SPLITS}")
+    return task.val if eval_split == "val" else task.test
 
 
 def _linear_probe(model_name: str, image_size: int, task: NodeTask, backbone: dict[str, torch.Tensor],
                   settings: TrainSettings) -> dict[str, float]:
-    """Frozen backbone, fresh linear head."""
+    """Frozen backbone, fresh linear head; scored on ``settings.eval_split``."""
     model = create_model(model_name, image_size, num_classes=0)
     model.load_state_dict(backbone, strict=True)
-    return linear_probe(model, task.train, task.test, task.card.label_kind, task.card.n_classes, settings)
+    return linear_probe(model, task.train, eval_data(task, settings.eval_split), task.card.label_kind,
+                        task.card.n_classes, settings)
 
 
 def _finetune(model_name: str, image_size: int, task: NodeTask, backbone: dict[str, torch.Tensor],
               settings: TrainSettings) -> dict[str, float]:
-    """The paper's protocol: the whole model fine-tuned from the base with a fresh head."""
+    """The paper's protocol: the whole model fine-tuned from the base with a fresh head; scored on
+    ``settings.eval_split``."""
     card = task.card
     model = create_model(model_name, image_size, num_classes=card.n_classes)
     head = new_head_state(embed_dim(model_name), card.n_classes, settings.seed)
     model.load_state_dict(merge_state(backbone, head), strict=True)
     fit(model, task.train, card.label_kind, settings)
-    return score(predict(model, task.test.images, settings.batch_size, settings.device), task.test.labels,
-                 card.label_kind)
+    scored = eval_data(task, settings.eval_split)
+    return score(predict(model, scored.images, settings.batch_size, settings.device), scored.labels, card.label_kind)
 
 
 @dataclass(frozen=True)
@@ -210,7 +268,8 @@ class EvalProtocol:
     epochs_key: str  # the run-config key that holds its training epochs
 
 
-# Evaluation protocols by name (``eval-mode``): how good a base is for one task, scored on its test split.
+# Evaluation protocols by name (``eval-mode``): how good a base is for one task, scored on the split
+# ``settings.eval_split`` names (``eval-split``: test, or val while choosing epochs / lr).
 EVAL_PROTOCOLS = {"linear-probe": EvalProtocol(_linear_probe, "probe-epochs"),
                   "finetune": EvalProtocol(_finetune, "eval-epochs")}
 
@@ -219,7 +278,9 @@ def evaluate_base(
     model_name: str, image_size: int, task: NodeTask, backbone: dict[str, torch.Tensor], eval_mode: str,
     settings: TrainSettings,
 ) -> dict[str, float]:
-    """How good ``backbone`` is for this task: a fresh head trained on the train split, scored on test."""
+    """How good ``backbone`` is for this task: a fresh head trained on the train split, scored on the
+    ``settings.eval_split`` split (test by default; with val the test split is never read).
+    ``n-test`` is the number of examples scored."""
     torch.manual_seed(settings.seed)
     scores = EVAL_PROTOCOLS[eval_mode].run(model_name, image_size, task, backbone, settings)
-    return {**scores, "n-test": len(task.test)}
+    return {**scores, "n-test": len(eval_data(task, settings.eval_split))}

@@ -49,7 +49,7 @@ MAX_NAME_LENGTH = 64
 NAME_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._+\- ]*[A-Za-z0-9._+\-])?")
 # Modality is free text shown in log lines: printable (no control characters), this long at most.
 MAX_MODALITY_LENGTH = 64
-CARD_FIELDS = ("name", "modality", "n-classes", "label-kind", "n-train", "n-test")
+CARD_FIELDS = ("name", "modality", "n-classes", "label-kind", "n-train", "n-test", "n-val")
 # What check_train_reply does with an update larger than max_update_ratio x the base.
 ON_EXCESS = ("reject", "clip")
 # A quoted value in a reason: enough to recognise it, never a flood.
@@ -143,7 +143,8 @@ def parse_card(record: Mapping[str, object]) -> TaskCard:
     n_classes = _card_count(record, "n-classes", low, high)
     n_train = _card_count(record, "n-train", 1, MAX_EXAMPLES)
     n_test = _card_count(record, "n-test", 1, MAX_EXAMPLES)
-    return TaskCard(name, modality, n_classes, label_kind, n_train, n_test)
+    n_val = _card_count(record, "n-val", 1, MAX_EXAMPLES)
+    return TaskCard(name, modality, n_classes, label_kind, n_train, n_test, n_val)
 
 
 def admit_cards(cards: Mapping[int, TaskCard]) -> tuple[dict[int, TaskCard], dict[int, str]]:
@@ -212,18 +213,19 @@ def check_train_reply(
     )
 
 
-def check_eval_reply(metrics: Mapping[str, object], card: TaskCard) -> EvalScore:
-    """An evaluation reply from the node with ``card``.
+def check_eval_reply(metrics: Mapping[str, object], card: TaskCard, eval_split: str = "test") -> EvalScore:
+    """An evaluation reply from the node with ``card``, scored on its ``eval_split``.
 
     accuracy: a number in [0, 1]; auc: a number in [0, 1], or NaN for "undefined on this split"
-    (a class absent from the node's test split), returned as None; n-test: a whole number equal
-    to card.n_test (so a node cannot outweigh others sharing its task).
+    (a class absent from the node's split), returned as None; n-test: a whole number equal to the
+    card's count of that split (so a node cannot outweigh others sharing its task).
     """
     _require_record(metrics, "metrics")
     accuracy = _fraction(metrics.get("accuracy"), "accuracy")
     auc = metrics.get("auc")
     auc = None if isinstance(auc, float) and math.isnan(auc) else _fraction(auc, "auc")
-    n_test = _whole_number(metrics.get("n-test"), "n-test", card.n_test, card.n_test)
+    expected = card.n_val if eval_split == "val" else card.n_test
+    n_test = _whole_number(metrics.get("n-test"), "n-test", expected, expected)
     return EvalScore(accuracy, auc, n_test)
 
 

@@ -1,4 +1,5 @@
-"""Sweep summary: one row per job (overrides, final mean accuracy, gain over stage 0, wall time)."""
+"""Sweep summary: one row per job (overrides, final mean accuracy, gain over stage 0, wall time),
+and the report over the sweep's runs (``report/``: tables with statistics over seeds, figures)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from meduniverse_flwr import report
 from meduniverse_flwr.results import read_results, summarize
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,10 @@ class SweepSummary(Callback):
         sweep_dir = Path(config.hydra.sweep.dir)
         rows = write_summary(sweep_dir)
         log.info("sweep summary (%d jobs): %s", len(rows), sweep_dir / "summary.md")
+        completed = [str(sweep_dir / row["job"]) for row in rows if row["status"] == "completed"]
+        if len(completed) > 1:
+            report.main([*completed, "--out", str(sweep_dir / "report")])
+            log.info("sweep report: %s", sweep_dir / "report" / "report.md")
         failed = [row["job"] for row in rows if row["status"] != "completed"]
         if failed:
             # SystemExit, not an exception: Hydra turns callback exceptions into warnings

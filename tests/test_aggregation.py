@@ -1,3 +1,4 @@
+import itertools
 import math
 import re
 import warnings
@@ -56,6 +57,23 @@ def test_streaming_equals_batch_exactly():
     for update, n in updates:
         running.add(update, n)
     np.testing.assert_array_equal(running.result()["w"], aggregate(updates, "weighted")["w"])
+
+
+def test_the_fold_is_exact_so_arrival_order_does_not_matter():
+    """The result is the exact weighted sum rounded once (math.fsum's), for every arrival order;
+    a plain float64 fold gives 0 or 2**-60 / 3 for the first column, depending on the order."""
+    rng = np.random.default_rng(0)
+    columns = [np.array([1.0, 2.0**-60, -1.0], np.float32)]  # a spread no float64 sum keeps
+    columns += [(rng.normal(size=3) * 10.0 ** rng.integers(-8, 8, 3)).astype(np.float32) for _ in range(400)]
+    values = np.stack(columns, axis=1)
+    weights = [3, 700_001, 2**28]
+    for rule, rule_weights in (("mean", [1.0] * 3), ("weighted", weights)):
+        exact = [math.fsum(float(values[i, j]) * rule_weights[i] for i in range(3)) for j in range(values.shape[1])]
+        expected = (np.array(exact) / sum(rule_weights)).astype(np.float32)
+        for order in itertools.permutations(range(3)):
+            result = aggregate([({"w": values[i]}, weights[i]) for i in order], rule)["w"]
+            np.testing.assert_array_equal(result, expected)
+    assert aggregate([({"w": values[i]}, 1) for i in (0, 1, 2)], "mean")["w"][0] == np.float32(2.0**-60 / 3)
 
 
 def test_mix_interpolates_with_the_previous_base():

@@ -116,7 +116,7 @@ def test_missing_and_corrupt_files(tmp_path):
 
 
 def test_task_card_round_trip_and_rejection():
-    card = TaskCard("ct-tissue", "CT", 4, "multiclass", 1000, 400)
+    card = TaskCard("ct-tissue", "CT", 4, "multiclass", 1000, 400, 200)
     assert parse_card(card.to_record()) == card
     with pytest.raises(Rejected, match="lacks n-train"):
         parse_card({k: v for k, v in card.to_record().items() if k != "n-train"})

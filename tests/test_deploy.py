@@ -230,8 +230,6 @@ def test_a_stage_without_replies_ends_by_its_timeout(deployment):
     assert stages_in(output_dir) == [0]
 
 
-@pytest.mark.xfail(strict=False, reason="known, to fix next: replies are folded in arrival order, so two deployed "
-                   "runs can differ in the last bit of a float64 sum (seen once on 2026-11-30 at stage 2; passed before)")
 def test_a_killed_server_app_resumes_to_the_same_results(deployment, straight):
     config = f"{RUN} clients-per-stage=3 num-stages=3"
     log_file = deployment.dir / "killed.log"

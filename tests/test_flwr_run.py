@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from simulation.flower import flwr_run, local_superlink, run_status
 from safetensors.torch import load_file
 
@@ -44,3 +45,22 @@ def test_a_bad_run_config_fails_the_run_with_a_clear_reason(superlink, data_root
     assert run_status(env, run_id).startswith("finished:failed")
     assert "'num-stages' = 0: must be >= 1" in output
     assert not (cwd / "outputs").exists()
+
+
+def test_local_baseline_keeps_each_node_model_across_messages(superlink, data_root):
+    """``local`` needs what Flower keeps per node between messages (context.state): the base never
+    changes, yet each stage scores every node on its own, further-trained model."""
+    env, cwd = superlink
+    run_id, output = flwr_run(
+        env,
+        f"strategy='local' num-stages=2 local-epochs=1 probe-epochs=3 pretrain='none' clients-per-stage=2 "
+        f"datasets='ct-tissue,histology-stain' data-root='{data_root}' output-dir='outputs'",
+        "num-supernodes=2 client-resources-num-cpus=1",
+    )
+    assert run_status(env, run_id) == "finished:completed", output[-3000:]
+    run_dir = cwd / "outputs" / "latest"
+    stages = json.loads((run_dir / "results.json").read_text())["stages"]
+    checkpoints = [load_file(run_dir / "checkpoints" / f"stage-{stage}.safetensors") for stage in range(3)]
+    assert all(torch.equal(checkpoints[0][k], c[k]) for c in checkpoints[1:] for k in checkpoints[0])
+    accuracies = [[s["per_task"][task]["accuracy"] for task in sorted(s["per_task"])] for s in stages]
+    assert accuracies[0] != accuracies[1] != accuracies[2]  # the same base, scored with the same seed, would repeat

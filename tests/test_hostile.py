@@ -12,12 +12,13 @@ import math
 import numpy as np
 import pytest
 from conftest import write_medmnist
-from flwr.app import Array, ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 from safetensors.numpy import load_file
 from simulation.inprocess import InProcessGrid
 
 from meduniverse_flwr import server_app
 from meduniverse_flwr.client_app import app as client_app
+from meduniverse_flwr.messages import pack, unpack
 from meduniverse_flwr.results import RunOutputs, read_results
 
 ATTACKER = 1002
@@ -65,11 +66,10 @@ def tiny(run_config, hospitals):
 
 def test_an_attacker_cannot_steer_the_base(tiny, tmp_path):
     def attack(reply, stage):
-        arrays = reply.content.array_records["arrays"]
-        for name in list(arrays):
-            values = arrays[name].numpy()
-            # stage 1: the update scaled x1e3; stage 2: arrays of 1e30
-            arrays[name] = Array((values * 1e3 if stage == 1 else np.full_like(values, 1e30)).astype(np.float32))
+        arrays = unpack(reply.content.array_records["arrays"], "fp32")
+        # stage 1: the update scaled x1e3; stage 2: arrays of 1e30
+        reply.content.array_records["arrays"] = pack(
+            {name: values * 1e3 if stage == 1 else np.full_like(values, 1e30) for name, values in arrays.items()}, "fp32")
 
     honest, honest_dir = run(tiny(num_stages=2, output_dir=str(tmp_path / "honest")))
     attacked, attacked_dir = run(tiny(num_stages=2, output_dir=str(tmp_path / "attacked")),

@@ -10,6 +10,9 @@ from hydra import compose, initialize_config_dir
 
 from simulation.experiment import register, to_run_config
 
+from meduniverse_flwr.config import KEYS, read_keys
+from meduniverse_flwr.strategy import STRATEGIES
+
 
 def run_cli(*overrides, timeout=900):
     return subprocess.run([sys.executable, "-m", "simulation.run", *overrides], cwd=ROOT, capture_output=True,
@@ -24,6 +27,21 @@ def compose_run_config(*overrides: str) -> dict:
 
 def test_the_hydra_default_is_the_declaration():
     assert compose_run_config() == {**default_run_config(), "output-dir": "X"}
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_every_strategy_has_a_preset(name):
+    assert compose_run_config(f"strategy={name}")["strategy"] == name
+
+
+@pytest.mark.parametrize("experiment", sorted(path.stem for path in (ROOT / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_preset_composes_to_checked_keys_and_sweeps_registered_strategies(experiment):
+    run_config = compose_run_config(f"+experiment={experiment}")
+    read_keys(run_config, KEYS)
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        sweep = compose(config_name="config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
+    params = sweep.hydra.sweeper.params
+    assert set(params["strategy"].split(",")) <= set(STRATEGIES) and len(params["seed"].split(",")) >= 1
 
 
 def test_every_declared_key_is_a_hydra_key_of_the_same_name():

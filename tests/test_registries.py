@@ -24,6 +24,7 @@ REGISTRIES = {
     "model": model.MODELS,
     "transport-dtype": transport.TRANSPORT_DTYPES,
     "device": task.DEVICES,
+    "eval-split": task.EVAL_SPLITS,
 }
 
 

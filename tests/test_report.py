@@ -114,3 +114,165 @@ def test_the_command_line(tmp_path):
 def test_a_gain_that_rounds_to_zero_has_no_minus_sign():
     stages = [stage(0, 0.1, 0.2, None), stage(1, 0.15, 0.15, None)]  # means 0.15000000000000002 and 0.15
     assert rows(format_table(stages))[1][6] == "+0.0000"
+
+
+# ------------------------------------------------------------------ several runs: report.md and figures
+TASKS = ("a", "b", "c")
+STEP = {"stagewise": 0.04, "centralized": 0.06, "fedavg": 0.02}
+
+
+def accuracy(strategy, seed, number, task):
+    """Known numbers: every task gains with the stage, more for later seeds and earlier tasks."""
+    i = TASKS.index(task)
+    return round(0.5 + 0.1 * i + number * STEP[strategy] * (1 + 0.3 * seed - 0.2 * i), 4)
+
+
+def generic_stage(number, scores, held_out=(), seconds=5.0):
+    trained = [v for t, v in scores.items() if t not in held_out]
+    entry = {"stage": number, "participants": [], "rejected": [], "nodes": [], "bytes_up": 0, "bytes_down": 0,
+             "per_task": {t: {"accuracy": v, "auc": None, "n_test": 100, "held_out": t in held_out}
+                          for t, v in scores.items()},
+             "mean_accuracy": sum(trained) / len(trained), "train_loss": None, "seconds": seconds}
+    if held_out:
+        entry["mean_accuracy_held_out"] = sum(scores[t] for t in held_out) / len(held_out)
+    return entry
+
+
+def write_job(job, strategy, seed, num_stages=3, held_out=()):
+    """A Hydra job directory as simulation.run leaves it: the run in runs/<name>, runs/latest, a copy in the job."""
+    from meduniverse_flwr.results import write_json_atomic
+
+    stages = [generic_stage(s, {t: accuracy(strategy, seed, s, t) for t in TASKS}, held_out) for s in range(num_stages)]
+    payload = {"config": {"strategy": strategy, "seed": seed, "held-out": ",".join(held_out),
+                          "eval-mode": "linear-probe"}, "stages": stages, "summary": {}}
+    run = job / "runs" / f"run-{strategy}-{seed}"
+    run.mkdir(parents=True)
+    (job / ".hydra").mkdir()
+    write_json_atomic(run / "results.json", payload)
+    write_json_atomic(job / "results.json", payload)
+    (job / "runs" / "latest").symlink_to(run.name)
+    return job
+
+
+def md_table(text, heading):
+    """The markdown table under ``heading``: {first cell: [other cells]}."""
+    section = text.split(f"## {heading}", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("|")]
+    cells = [[c.strip() for c in line.strip("|").split(" | ")] for line in lines]
+    return {row[0]: row[1:] for row in [cells[0]] + cells[2:]}
+
+
+def spread(values):
+    import numpy as np
+
+    return f"{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f}"
+
+
+def test_a_sweep_of_two_strategies_and_three_seeds_is_reported(tmp_path, capsys):
+    import numpy as np
+    from scipy import stats as scipy_stats
+
+    sweep = tmp_path / "multirun" / "12-00-00"
+    jobs = [write_job(sweep / str(n), strategy, seed)
+            for n, (strategy, seed) in zip((0, 1, 2, 3, 4, 10), [(s, k) for s in ("centralized", "stagewise") for k in range(3)])]
+    bad = write_job(sweep / "5", "stagewise", 7)
+    (bad / "results.json").write_text((bad / "results.json").read_text().replace('"stage": 2', '"stage": 5'))
+
+    assert main([str(sweep)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"report: {bad / 'results.json'}: not a valid results.json (stages[2].stage = '5': " \
+                           "must be 2 (stages in order from 0))\n"
+    assert captured.out.count("final vs stage 0, paired t-test") == 6  # every good job once, not its runs/ too
+    printed = [captured.out.index(f"{job / 'results.json'}\n") for job in jobs]
+    assert printed == sorted(printed)  # jobs in numeric order: 10 after 4
+    out = sweep / "report"
+    for name in ("fig3_gain.png", "gain_heatmap.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (out / "report.md").read_text()
+
+    centralized = "centralized (pools data: breaks privacy, upper reference)"
+    final = md_table(text, "Accuracy at the final stage (2), by strategy")
+    assert final["task"] == ["stagewise", centralized]
+    assert final["a"] == [spread([accuracy(s, k, 2, "a") for k in range(3)]) for s in ("stagewise", "centralized")]
+    assert final["a"][0] == "0.6040 ± 0.0240"  # 0.58, 0.604, 0.628
+    means = [np.mean([accuracy("stagewise", k, 2, t) for t in TASKS]) for k in range(3)]
+    assert final["mean"][0] == spread(means)
+    by_stage = md_table(text, f"Accuracy by stage: {centralized}")
+    assert by_stage["task"] == ["stage 0", "stage 1", "stage 2"] and list(by_stage)[1:] == ["a", "b", "c", "mean"]
+    assert by_stage["c"][1] == spread([accuracy("centralized", k, 1, "c") for k in range(3)])
+
+    tests = md_table(text, "Paired tests")
+    assert tests["comparison"] == ["n pairs", "mean diff", "Wilcoxon p", "t-test p", "Holm p (Wilcoxon)"]
+
+    def pairs(strategy, number):
+        return [accuracy(strategy, k, number, t) for t in TASKS for k in range(3)]
+
+    expected = {"stagewise: stage 2 vs 0": (pairs("stagewise", 2), pairs("stagewise", 0)),
+                f"{centralized}: stage 2 vs 0": (pairs("centralized", 2), pairs("centralized", 0)),
+                f"stagewise vs {centralized} (stage 2)": (pairs("stagewise", 2), pairs("centralized", 2))}
+    assert list(tests)[1:] == list(expected)
+    for name, (after, before) in expected.items():
+        n, diff, wilcoxon_p, t_p, holm_p = tests[name]
+        assert n == "9" and diff == f"{np.mean(np.subtract(after, before)):+.4f}"
+        assert wilcoxon_p == f"{scipy_stats.wilcoxon(after, before).pvalue:.3g}" == "0.00391"  # 9 of one sign
+        assert t_p == f"{scipy_stats.ttest_rel(after, before).pvalue:.3g}"
+        assert holm_p == "0.0117"  # three equal p-values: 3 x 2 / 2**9
+
+    assert "Held-out" not in text
+    wall = md_table(text, "Wall time per run (sum of stage seconds)")
+    assert wall[str(jobs[0] / "results.json")] == [centralized, "-", "0", "3", "15.0"]
+    assert centralized in text.split("##")[0]  # the legend
+
+
+def test_held_out_tasks_different_stage_counts_and_an_explicit_out(tmp_path, capsys):
+    runs = [write_job(tmp_path / f"{strategy}-{seed}", strategy, seed, num_stages=3 + seed, held_out=("c",))
+            for strategy in ("fedavg", "stagewise") for seed in (0, 1)]
+    runs.append(write_job(tmp_path / "all-trained", "stagewise", 0))
+    out = tmp_path / "elsewhere"
+    assert main([str(r) for r in runs] + ["--out", str(out)]) == 0
+    assert capsys.readouterr().err == ""
+    text = (out / "report.md").read_text()
+    assert "- note: runs have 3 to 4 stages: the report uses stages 0..2, common to all" in text
+    held = md_table(text, "Held-out tasks (never trained on: domain generalisation)")
+    assert held["held-out task"] == ["stagewise stage 0", "stagewise stage 2", "fedavg stage 0", "fedavg stage 2"]
+    assert held["c"] == [spread([accuracy(s, k, n, "c") for k in (0, 1)]) for s in ("stagewise", "fedavg") for n in (0, 2)]
+    final = md_table(text, "Accuracy at the final stage (2), by strategy")
+    assert final["task"] == ["stagewise", "stagewise [held out: c]", "fedavg [held out: c]"]
+    assert final["c"] == [f"{accuracy('stagewise', 0, 2, 'c'):.4f}", "held out", "held out"]
+    assert "stagewise [held out: c] vs fedavg [held out: c] (stage 2)" in md_table(text, "Paired tests")
+
+
+def test_one_run_writes_no_report_unless_asked_and_duplicates_count_once(tmp_path, capsys):
+    job = write_job(tmp_path / "job", "stagewise", 0)
+    assert main([str(job), str(job / "runs" / "latest")]) == 0  # the job's copy and the run itself: one seed
+    assert "same strategy, held-out tasks and seed" in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
+    assert main([str(job), "--out", str(tmp_path / "one")]) == 0
+    text = (tmp_path / "one" / "report.md").read_text()
+    assert md_table(text, "Accuracy at the final stage (2), by strategy")["a"] == [f"{accuracy('stagewise', 0, 2, 'a'):.4f}"]
+    assert md_table(text, "Paired tests")["stagewise: stage 2 vs 0"][:4] == ["3", "+0.0640", "0.25", "0.0202"]
+
+
+@pytest.mark.parametrize("key, value", [("seed", True), ("strategy", ["stagewise"]), ("held-out", [1])])
+def test_a_config_field_the_report_groups_by_is_checked(tmp_path, capsys, key, value):
+    job = write_job(tmp_path / "job", "stagewise", 0)
+    payload = json.loads((job / "results.json").read_text())
+    payload["config"][key] = value
+    (job / "results.json").write_text(json.dumps(payload))
+    assert main([str(job)]) == 2
+    assert capsys.readouterr().err.startswith(f"report: {job / 'results.json'}: not a valid results.json (config.{key} = ")
+
+
+def test_an_unfinished_run_is_left_out_of_the_report(tmp_path, capsys):
+    """A failed or still-running job (fewer stages than its num-stages) would cut every run to its stages."""
+    jobs = [write_job(tmp_path / f"job-{seed}", "stagewise", seed) for seed in (0, 1)]
+    failed = write_job(tmp_path / "job-2", "stagewise", 2, num_stages=1)
+    for job, planned in ((jobs[0], 2), (jobs[1], 2), (failed, 2)):
+        for path in (job / "results.json", *job.glob("runs/run-*/results.json")):
+            payload = json.loads(path.read_text())
+            payload["config"]["num-stages"] = planned
+            path.write_text(json.dumps(payload))
+    assert main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    assert "job-2/results.json: unfinished (1 of 3 stages), left out" in capsys.readouterr().err
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "Accuracy at the final stage (2), by strategy" in text and "runs have" not in text

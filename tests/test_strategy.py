@@ -19,7 +19,7 @@ from meduniverse_flwr.config import RunConfig
 from meduniverse_flwr.data import TaskCard
 from meduniverse_flwr.model import create_backbone
 from meduniverse_flwr.results import stage_entry
-from meduniverse_flwr.messages import pack, to_numpy
+from meduniverse_flwr.messages import pack, to_numpy, unpack
 from meduniverse_flwr.strategy import StageFailed, StageWise
 
 
@@ -72,7 +72,7 @@ def test_each_node_gets_the_base_plus_a_head_sized_to_its_card(two_runs):
     base_keys = set(create_backbone("vit-micro", 28).state_dict())
     head_rows = set()
     for message in train_messages:
-        arrays = message.content.array_records["arrays"]
+        arrays = unpack(message.content.array_records["arrays"], "fp32")
         assert set(arrays) == base_keys | {"head.weight", "head.bias"}
         head_rows.add(arrays["head.weight"].shape[0])
     assert head_rows == {2, 3, 4}  # binary fundus, 3-class histology / brain, 4-class CT
@@ -86,8 +86,9 @@ def test_same_seed_gives_identical_stages(two_runs):
 def test_a_bad_node_is_rejected_and_the_stage_completes(run_config, caplog):
     def poison(reply: Message) -> Message:
         if reply.metadata.message_type == "train":
-            arrays = reply.content.array_records["arrays"]
-            arrays["cls_token"] = Array(np.full(arrays["cls_token"].shape, np.nan, np.float32))
+            arrays = unpack(reply.content.array_records["arrays"], "fp32")
+            arrays["cls_token"][:] = np.nan
+            reply.content.array_records["arrays"] = pack(arrays, "fp32")
         return reply
 
     # all 3 nodes asked (ceil(1.5 x K)), K = 2 valid replies end the stage
@@ -108,7 +109,7 @@ class _Stage:
         torch.manual_seed(0)  # every _Stage starts from the same base
         self.base = create_backbone("vit-micro", 28).state_dict()
         self.strategy = StageWise(RunConfig.with_defaults(**{"datasets": "a,b", "clients_per_stage": 2, **settings}))
-        self.strategy.cards = {1: TaskCard("a", "CT", 2, "binary", 10, 5), 2: TaskCard("b", "MR", 3, "multiclass", 30, 5)}
+        self.strategy.cards = {1: TaskCard("a", "CT", 2, "binary", 10, 5, 5), 2: TaskCard("b", "MR", 3, "multiclass", 30, 5, 5)}
         self.messages = {}
         for message in self.strategy.configure_train(1, ArrayRecord(self.base), ConfigRecord(), grid=None):
             message.metadata.__dict__["_message_id"] = str(uuid4())
@@ -213,7 +214,7 @@ def test_a_node_silent_at_evaluation_is_named_and_its_task_reported_missing(capl
 
 def test_bf16_transport_halves_the_bytes_both_ways():
     fp32, bf16 = _Stage(), _Stage(transport_dtype="bf16")
-    assert bf16.messages[1].content.array_records["arrays"]["cls_token"].dtype == "uint16"
+    assert {array.dtype for array in bf16.messages[1].content.array_records["arrays"].values()} == {"uint16"}
     assert 2 * bf16.strategy.outcome.bytes_down == pytest.approx(fp32.strategy.outcome.bytes_down, rel=0.01)
     assert not bf16.strategy.accept_train_reply(bf16.reply(1))  # a float32 reply breaks the agreed encoding
     assert "arrived as float32, expected uint16" in bf16.strategy.outcome.rejected[0]

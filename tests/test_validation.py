@@ -45,15 +45,16 @@ PROPERTY = settings(max_examples=300, deadline=None, derandomize=True, database=
 F32_MAX = float(np.finfo(np.float32).max)
 
 
-def make_card(name="ct-tissue", modality="CT", n_classes=4, label_kind="multiclass", n_train=100, n_test=20):
+def make_card(name="ct-tissue", modality="CT", n_classes=4, label_kind="multiclass", n_train=100, n_test=20,
+              n_val=10):
     """Every TaskCard in these tests: the one place to change if its fields change."""
-    return TaskCard(name, modality, n_classes, label_kind, n_train, n_test)
+    return TaskCard(name, modality, n_classes, label_kind, n_train, n_test, n_val)
 
 
 def card_record(**fields) -> dict:
     """A card record as a node sends it; keyword arguments use make_card's names."""
     record = {"name": "ct-tissue", "modality": "CT", "n-classes": 4, "label-kind": "multiclass",
-              "n-train": 100, "n-test": 20}
+              "n-train": 100, "n-test": 20, "n-val": 10}
     record.update({key.replace("_", "-"): value for key, value in fields.items()})
     return record
 
@@ -384,7 +385,7 @@ def card_is_valid(record) -> bool:
             and all(ch in NAME_CHARS + " " for ch in name)
             and isinstance(modality, str) and 1 <= len(modality) <= 64 and modality.isprintable()
             and isinstance(kind, str) and kind in CLASSES and is_count(record["n-classes"], *CLASSES[kind])
-            and is_count(record["n-train"], 1, 10**8) and is_count(record["n-test"], 1, 10**8))
+            and all(is_count(record[field], 1, 10**8) for field in ("n-train", "n-test", "n-val")))
 
 
 @st.composite
@@ -392,7 +393,7 @@ def valid_card_records(draw) -> dict:
     kind = draw(st.sampled_from(LABEL_KINDS))
     return {"name": draw(names), "modality": draw(modalities), "n-classes": draw(st.integers(*CLASSES[kind])),
             "label-kind": kind, "n-train": draw(st.integers(1, MAX_EXAMPLES)),
-            "n-test": draw(st.integers(1, MAX_EXAMPLES))}
+            "n-test": draw(st.integers(1, MAX_EXAMPLES)), "n-val": draw(st.integers(1, MAX_EXAMPLES))}
 
 
 @st.composite
@@ -415,7 +416,8 @@ def card_records(draw) -> dict:
 def test_a_card_is_accepted_exactly_when_valid(record):
     if card_is_valid(record):
         assert parse_card(record) == make_card(record["name"], record["modality"], record["n-classes"],
-                                               record["label-kind"], record["n-train"], record["n-test"])
+                                               record["label-kind"], record["n-train"], record["n-test"],
+                                               record["n-val"])
     else:
         rejection(parse_card, record)
 
@@ -710,3 +712,10 @@ def test_a_safe_label_is_printable_never_mathtext_and_reversible(text):
     assert label.isprintable()
     assert label.count("$") == label.count("\\$")  # matplotlib's own test: no unescaped $, so no mathtext
     assert unescape(label) == text
+
+
+def test_an_evaluation_on_val_counts_the_val_split():
+    card = make_card()
+    assert check_eval_reply({**GOOD_EVAL, "n-test": 10}, card, "val").n_test == 10
+    with pytest.raises(Rejected, match="n-test is 20, expected 10"):
+        check_eval_reply(GOOD_EVAL, card, "val")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import logging
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,15 +16,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .cache import CACHE_DIR, CacheError, cache_path, read_task, source_hash, write_task
 from .dicom import load_dicom_folder
 from .embedded import TASKS as EMBEDDED_TASKS
-from .embedded import load_embedded
+from .embedded import load_embedded, task_path
 from .folder import load_folder
-from .medmnist import flag_of, load_medmnist
+from .medmnist import flag_of, load_medmnist, resolve
 from .npz import SPLITS, DataError, Split
 from .partition import dirichlet_shard, iid_shard
 
 DEFAULT_ROOT = Path.home() / ".cache" / "meduniverse_flwr"
+logger = logging.getLogger("flwr")
 
 
 @dataclass(frozen=True)
@@ -36,10 +40,11 @@ class TaskCard:
     label_kind: str
     n_train: int
     n_test: int
+    n_val: int
 
     def to_record(self) -> dict[str, Any]:
         return {"name": self.name, "modality": self.modality, "n-classes": self.n_classes,
-                "label-kind": self.label_kind, "n-train": self.n_train, "n-test": self.n_test}
+                "label-kind": self.label_kind, "n-train": self.n_train, "n-test": self.n_test, "n-val": self.n_val}
 
 
 @dataclass(frozen=True)
@@ -123,19 +128,22 @@ def dataset_name(entry: str, default_source: str) -> str:
     return Path(spec).expanduser().name if source in ("folder", "dicom") else spec
 
 
+def _counts(splits: dict[str, Split]) -> tuple[int, int, int]:
+    """A card's n-train, n-test, n-val."""
+    return len(splits["train"]), len(splits["test"]), len(splits["val"])
+
+
 def _embedded(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
     if spec not in EMBEDDED_TASKS:
         raise DataError(f"dataset '{spec}': not in the embedded universe {sorted(EMBEDDED_TASKS)}")
     info = EMBEDDED_TASKS[spec]
     splits = load_embedded(spec, cache_root(options.root))
-    return TaskCard(spec, info.modality, len(info.classes), info.label_kind, len(splits["train"]),
-                    len(splits["test"])), splits
+    return TaskCard(spec, info.modality, len(info.classes), info.label_kind, *_counts(splits)), splits
 
 
 def _medmnist(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
     flag, info, splits = load_medmnist(spec, options.root, options.image_size, options.download)
-    return TaskCard(flag, info.modality, info.n_classes, info.label_kind, len(splits["train"]),
-                    len(splits["test"])), splits
+    return TaskCard(flag, info.modality, info.n_classes, info.label_kind, *_counts(splits)), splits
 
 
 def _site_path(spec: str, options: DataOptions) -> Path:
@@ -146,14 +154,13 @@ def _site_path(spec: str, options: DataOptions) -> Path:
 def _folder(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
     path = _site_path(spec, options)
     classes, label_kind, splits = load_folder(path, options.image_size, options.skip_unreadable)
-    return TaskCard(path.name, "images (site folder)", len(classes), label_kind, len(splits["train"]),
-                    len(splits["test"])), splits
+    return TaskCard(path.name, "images (site folder)", len(classes), label_kind, *_counts(splits)), splits
 
 
 def _dicom(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
     path = _site_path(spec, options)
     classes, label_kind, splits = load_dicom_folder(path, options.image_size, options.skip_unreadable)
-    return TaskCard(path.name, "DICOM", len(classes), label_kind, len(splits["train"]), len(splits["test"])), splits
+    return TaskCard(path.name, "DICOM", len(classes), label_kind, *_counts(splits)), splits
 
 
 # Data sources by name: a dataset entry ``source:spec`` is read by ``SOURCES[source](spec, options)``.
@@ -162,6 +169,15 @@ SOURCES: dict[str, Callable[[str, "DataOptions"], tuple[TaskCard, dict[str, Spli
     "medmnist": _medmnist,
     "folder": _folder,
     "dicom": _dicom,
+}
+
+
+# What each source reads an entry from: the node data cache decodes it again when this changes.
+SOURCE_PATHS: dict[str, Callable[[str, "DataOptions"], Path]] = {
+    "embedded": lambda spec, options: task_path(cache_root(options.root), spec),
+    "medmnist": lambda spec, options: resolve(spec, options.root, options.image_size)[1],
+    "folder": _site_path,
+    "dicom": _site_path,
 }
 
 
@@ -200,8 +216,38 @@ PARTITIONS = {"iid": _iid, "dirichlet": _dirichlet}
 
 @functools.lru_cache(maxsize=4)
 def load_node_task(entry: str, shard: int, n_shards: int, options: DataOptions) -> NodeTask:
-    """A node's task: shard ``shard`` of ``n_shards`` of the dataset ``entry``. Cached, so a
-    node process reads its data once per run, not once per message."""
+    """A node's task: shard ``shard`` of ``n_shards`` of the dataset ``entry``. Cached per process,
+    and decoded on disk (``data.cache``), since a deployed node starts a process per message."""
+    source, spec = parse_entry(entry, options.source)
+    directory = cache_root(options.root) / CACHE_DIR
+    key = json.dumps([entry, shard, n_shards, dataclasses.asdict(options)])
+    try:
+        # hashed before decoding: a source that changes meanwhile is decoded again on the next load
+        path = cache_path(directory, key, source_hash(SOURCE_PATHS[source](spec, options), directory))
+    except CacheError as err:
+        logger.warning("%s; node data not cached", err)
+        return decode_node_task(entry, shard, n_shards, options)
+    if path.is_file():
+        try:
+            return _cached_task(path, key, options.image_size)
+        except CacheError as err:
+            logger.warning("%s; decoding the dataset again", err)
+    task = decode_node_task(entry, shard, n_shards, options)
+    try:
+        write_task(path, key, dataclasses.asdict(task.card), {name: getattr(task, name).images for name in SPLITS},
+                   {name: getattr(task, name).labels for name in SPLITS})
+    except CacheError as err:  # e.g. a read-only data root: the run goes on, uncached
+        logger.warning("%s", err)
+    return task
+
+
+def _cached_task(path: Path, key: str, image_size: int) -> NodeTask:
+    card, images, labels = read_task(path, key, image_size)
+    return NodeTask(TaskCard(**card), *(TaskData(images[name], labels[name]) for name in SPLITS))
+
+
+def decode_node_task(entry: str, shard: int, n_shards: int, options: DataOptions) -> NodeTask:
+    """A node's task read from its source: decoded, resized and sharded."""
     card, splits = load_dataset(entry, options)
     if n_shards > 1:
         splits = {name: Split(split.images[idx], split.labels[idx]) for name, split in splits.items()
@@ -211,5 +257,6 @@ def load_node_task(entry: str, shard: int, n_shards: int, options: DataOptions) 
                 raise DataError(f"dataset '{entry}': shard {shard} of {n_shards} has an empty {name} split; "
                                 f"use fewer nodes or a larger dirichlet-alpha")
     tensors = {name: to_task_data(splits[name], card.label_kind, options.image_size) for name in SPLITS}
-    card = dataclasses.replace(card, n_train=len(tensors["train"]), n_test=len(tensors["test"]))
+    card = dataclasses.replace(card, n_train=len(tensors["train"]), n_test=len(tensors["test"]),
+                               n_val=len(tensors["val"]))
     return NodeTask(card, tensors["train"], tensors["val"], tensors["test"])

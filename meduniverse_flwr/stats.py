@@ -1,0 +1,125 @@
+"""Statistics of several runs (seeds x strategies): spread over seeds, paired tests, Holm correction.
+
+Pure functions on numbers (numpy + scipy, nothing of Flower or torch); ``report`` reads the runs
+and renders what these compute.
+
+Scores of one run group at one stage are a mapping ``(task, seed) -> accuracy`` (None: no valid
+score); two groups or two stages are compared on the (task, seed) pairs both have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+Scores = Mapping[tuple[str, int], "float | None"]
+GroupKey = tuple[str, tuple[str, ...]]  # (strategy, held-out tasks)
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Mean and sample standard deviation (ddof=1) of the values present; std is None for one value,
+    both are None for none. ``n`` counts the values present."""
+    mean: float | None
+    std: float | None
+    n: int
+
+
+def mean_std(values: Iterable[float | None]) -> Spread:
+    present = np.asarray([v for v in values if v is not None], dtype=float)
+    if present.size == 0:
+        return Spread(None, None, 0)
+    std = float(np.std(present, ddof=1)) if present.size > 1 else None
+    return Spread(float(np.mean(present)), std, int(present.size))
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """Two-sided paired tests of ``after`` against ``before``.
+
+    ``wilcoxon_p`` (signed-rank, the primary test: accuracies are bounded and need not be normal)
+    and ``ttest_p`` (paired t-test). Degenerate inputs, by design rather than by a scipy warning:
+    fewer than 2 pairs -> both None; every difference exactly zero -> both 1.0 (no difference seen);
+    all differences equal but not zero -> ``ttest_p`` None (no variance: t is undefined).
+    """
+    n: int
+    mean_diff: float | None
+    wilcoxon_p: float | None
+    ttest_p: float | None
+
+
+def paired_test(after: Sequence[float], before: Sequence[float]) -> PairedTest:
+    if len(after) != len(before):
+        raise ValueError(f"paired test: {len(after)} values after, {len(before)} before")
+    diffs = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    n = int(diffs.size)
+    if n < 2:
+        return PairedTest(n, float(diffs.mean()) if n else None, None, None)
+    mean_diff = float(diffs.mean())
+    if not diffs.any():
+        return PairedTest(n, mean_diff, 1.0, 1.0)
+    wilcoxon_p = float(scipy_stats.wilcoxon(after, before).pvalue)
+    # a spread below 1e-9 is float noise (accuracies are counts over test sets): scipy would warn
+    constant = np.allclose(diffs, diffs[0], rtol=0, atol=1e-9)
+    ttest_p = None if constant else float(scipy_stats.ttest_rel(after, before).pvalue)
+    return PairedTest(n, mean_diff, wilcoxon_p, ttest_p)
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm-Bonferroni adjusted p-values, in the input order; None entries pass through and do not
+    count in the family size."""
+    present = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    adjusted: list[float | None] = list(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(present):
+        running = max(running, min(1.0, (len(present) - rank) * p))  # step-down: never below a smaller p's
+        adjusted[i] = running
+    return adjusted
+
+
+def paired(after: Scores, before: Scores) -> tuple[list[float], list[float]]:
+    """The values of the (task, seed) pairs scored in both, in sorted key order."""
+    keys = sorted(k for k, v in after.items() if v is not None and before.get(k) is not None)
+    return [after[k] for k in keys], [before[k] for k in keys]  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """``after`` (group, stage) against ``before`` (group, stage), with its Holm-adjusted Wilcoxon p."""
+    after: tuple[GroupKey, int]
+    before: tuple[GroupKey, int]
+    test: PairedTest
+    holm_p: float | None
+
+
+def comparisons(groups: Mapping[GroupKey, Sequence[Scores]], final_stage: int,
+                reference: str = "stagewise") -> list[Comparison]:
+    """Each group's ``final_stage`` against its stage 0, then the ``reference`` strategy against each
+    other strategy with the same held-out tasks at ``final_stage``; Holm across all of them."""
+    wanted = [((key, final_stage), (key, 0)) for key in groups]
+    wanted += [(((reference, held_out), final_stage), ((strategy, held_out), final_stage))
+               for strategy, held_out in groups if strategy != reference and (reference, held_out) in groups]
+    tests = [paired_test(*paired(groups[a][a_stage], groups[b][b_stage])) for (a, a_stage), (b, b_stage) in wanted]
+    adjusted = holm([t.wilcoxon_p for t in tests])
+    return [Comparison(a, b, t, p) for (a, b), t, p in zip(wanted, tests, adjusted)]
+
+
+def gain_spreads(curves: Sequence[Sequence[float | None]]) -> list[Spread]:
+    """Per stage, mean and std over seeds of each seed's gain over its own stage 0 (one curve per seed)."""
+    stages = min((len(curve) for curve in curves), default=0)
+    return [mean_std(None if c[s] is None or c[0] is None else c[s] - c[0] for c in curves) for s in range(stages)]
+
+
+def by_task(scores: Scores) -> dict[str, Spread]:
+    """Per task (first-seen order), mean and std of its accuracy over seeds."""
+    tasks = dict.fromkeys(task for task, _ in scores)
+    return {task: mean_std(v for (t, _), v in scores.items() if t == task) for task in tasks}
+
+
+def task_gains(after: Scores, before: Scores) -> dict[str, Spread]:
+    """Per task, mean and std over seeds of ``after - before`` on the seeds scored in both."""
+    return by_task({k: v - before[k] for k, v in after.items()  # type: ignore[operator]
+                    if v is not None and before.get(k) is not None})
