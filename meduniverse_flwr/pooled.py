@@ -14,7 +14,7 @@ from torch import nn
 
 from .data import NodeTask
 from .model import create_model, embed_dim, new_head_state
-from .task import TrainSettings, autocast, cosine_with_warmup, param_groups, random_flip, task_loss, to_input
+from .task import TrainSettings, cosine_with_warmup, param_groups, random_flip, to_input, train_step
 
 
 def train_pooled(
@@ -55,15 +55,11 @@ def train_pooled(
         for position in torch.randperm(len(batches), generator=generator).tolist():
             task, index = batches[position]
             images, labels = data[task]
-            x = random_flip(to_input(images[index.to(device)], device), generator)
-            with autocast(device):
-                logits = head_modules[task](model(x)).float()
-            loss = task_loss(logits, labels[index.to(device)], tasks[names[task]].card.label_kind)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.detach().double() * len(index)
+            index = index.to(device)
+            x = random_flip(to_input(images[index], device), generator)
+            loss = train_step(lambda batch: head_modules[task](model(batch)), x, labels[index],
+                              tasks[names[task]].card.label_kind, optimizer, schedule, device)
+            total += loss.double() * len(index)
         epoch_loss = total.item() / sum(len(labels) for _, labels in data)
     trained_heads = {name: {key: value.detach().cpu() for key, value in head.state_dict().items()}
                      for name, head in zip(names, head_modules)}

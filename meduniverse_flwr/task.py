@@ -135,6 +135,18 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, layer_decay: 
     return list(groups.values())
 
 
+def train_step(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, labels: torch.Tensor,
+               label_kind: str, optimizer: torch.optim.Optimizer, schedule, device: torch.device) -> torch.Tensor:
+    """One optimisation step on a ready batch; returns its loss, detached and left on the device."""
+    with autocast(device):
+        loss = task_loss(forward(x).float(), labels, label_kind)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    schedule.step()
+    return loss.detach()
+
+
 def fit(model: nn.Module, data: TaskData, label_kind: str, settings: TrainSettings, augment: bool = True) -> float:
     """Train ``model`` on ``data`` (AdamW with ``param_groups``, warm-up + cosine); returns the mean
     loss of the last epoch.
@@ -159,13 +171,8 @@ def fit(model: nn.Module, data: TaskData, label_kind: str, settings: TrainSettin
             x = to_input(images[index], device) if images.dtype == torch.uint8 else images[index]
             if augment:
                 x = random_flip(x, generator)
-            with autocast(device):
-                loss = task_loss(forward(x).float(), labels[index], label_kind)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            total += loss.detach().double() * len(index)  # float64, as exact as a Python float sum
+            loss = train_step(forward, x, labels[index], label_kind, optimizer, schedule, device)
+            total += loss.double() * len(index)  # float64, as exact as a Python float sum
         epoch_loss = total.item() / len(data)
     return epoch_loss
 
