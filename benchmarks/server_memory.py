@@ -1,12 +1,14 @@
-"""Server memory flat in the number of replies K; aggregation cost per reply.
+"""Server memory in the number of replies K, per aggregation rule; aggregation cost per reply.
 
-    python benchmarks/server_memory.py [--model vit-small] [--image-size 224]
+    python benchmarks/server_memory.py [--model vit-small] [--image-size 224] [--rules weighted,median,trimmed-mean]
 
 For K = 2, 8, 32 (each in a fresh process), ``StageWise.run_train_stage``
 drives a synthetic grid whose K nodes answer one at a time with random
-backbones of the real shapes; the peak RSS of the process is reported. Then
-the cost of folding one reply into the running aggregate is timed against a
-plain NumPy add over the same float32 bytes.
+backbones of the real shapes; the peak RSS of the process and the stage's
+seconds are reported, for each rule. The streaming rules stay flat in K; the
+robust rules (median, trimmed mean) hold every reply. Then the cost of folding
+one reply into the running aggregate is timed against a plain NumPy add over
+the same float32 bytes.
 """
 
 import argparse
@@ -23,7 +25,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def one_stage(k: int, model: str, image_size: int) -> None:
+def one_stage(k: int, model: str, image_size: int, rule: str) -> None:
     """Child process: one stage with K synthetic replies; prints peak RSS before and after."""
     from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
     from flwr.serverapp import Grid
@@ -84,12 +86,14 @@ def one_stage(k: int, model: str, image_size: int) -> None:
         def run(self):
             raise NotImplementedError
 
-    strategy = StageWise(RunConfig.with_defaults(clients_per_stage=k, model=model, image_size=image_size))
+    strategy = StageWise(RunConfig.with_defaults(clients_per_stage=k, model=model, image_size=image_size,
+                                                 aggregation=rule))
     strategy.cards = {node: TaskCard(f"task-{node}", "synthetic", 2, "binary", 100, 100, 100) for node in range(k)}
     before = peak_rss_mb()
+    started = time.perf_counter()
     new_base, metrics = strategy.run_train_stage(SyntheticGrid(), 1, base)
     assert metrics["replies"] == k
-    print(f"{before:.1f} {peak_rss_mb():.1f}")
+    print(f"{before:.1f} {peak_rss_mb():.1f} {time.perf_counter() - started:.2f}")
 
 
 def fold_cost(model: str, image_size: int, repeats: int = 5) -> tuple[float, float, int]:
@@ -118,24 +122,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="vit-small")
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--rules", default="weighted,median,trimmed-mean")
     parser.add_argument("--child", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        one_stage(args.child, args.model, args.image_size)
+        one_stage(args.child, args.model, args.image_size, args.rules)
         return
     from meduniverse_flwr.model import create_backbone
 
     backbone_mb = sum(t.numel() * 4 for t in create_backbone(args.model, args.image_size).state_dict().values()) / 2**20
-    peaks = {}
-    for k in (2, 8, 32):
-        out = subprocess.run([sys.executable, __file__, "--child", str(k), "--model", args.model,
-                              "--image-size", str(args.image_size)], capture_output=True, text=True, check=True)
-        before, after = map(float, out.stdout.split()[-2:])
-        peaks[k] = after
-        print(f"K={k:2d}: peak RSS {after:7.1f} MiB (before the stage {before:.1f} MiB)")
-    growth = peaks[32] - peaks[2]
-    print(f"{args.model} backbone = {backbone_mb:.1f} MiB; growth K=2 -> K=32: {growth:.1f} MiB = "
-          f"{growth / backbone_mb:.2f} backbones (target < 2)")
+    for rule in args.rules.split(","):
+        peaks = {}
+        for k in (2, 8, 32):
+            out = subprocess.run([sys.executable, __file__, "--child", str(k), "--model", args.model,
+                                  "--image-size", str(args.image_size), "--rules", rule],
+                                 capture_output=True, text=True, check=True)
+            before, after, seconds = map(float, out.stdout.split()[-3:])
+            peaks[k] = after
+            print(f"{rule:>12} K={k:2d}: peak RSS {after:7.1f} MiB (before the stage {before:.1f} MiB), "
+                  f"stage {seconds:.1f} s")
+        growth = peaks[32] - peaks[2]
+        print(f"{rule:>12}: {args.model} backbone = {backbone_mb:.1f} MiB; growth K=2 -> K=32: {growth:.1f} MiB = "
+              f"{growth / backbone_mb:.2f} backbones")
     ours, plain, nbytes = fold_cost(args.model, args.image_size)
     print(f"fold one reply ({nbytes / 2**20:.1f} MiB): {1e3 * ours:.1f} ms; NumPy float32 add over the same "
           f"bytes: {1e3 * plain:.1f} ms; ratio {ours / plain:.2f} (target <= 2)")

@@ -3,21 +3,24 @@
 No Flower and no torch here. The server folds each valid reply into a
 ``RunningAggregate`` as it arrives (memory stays flat in the number of
 replies), then mixes the result with the previous base. The fold does not depend on
-the order in which replies arrive, so a run gives the same base however its nodes race. ``check_update`` and
-the norm helpers are the numeric half of ``validation.check_train_reply``.
+the order in which replies arrive, so a run gives the same base however its nodes race. The robust
+rules (coordinate-wise ``median``, ``trimmed-mean``) need every reply of a stage at once: a
+``BufferedAggregate`` keeps them (K backbones in server memory, measured in benchmarks/README.md).
+``check_update`` and the norm helpers are the numeric half of ``validation.check_train_reply``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
 
 import numpy as np
 
 Arrays = Mapping[str, np.ndarray]
 
-# Aggregation rule -> the weight of one update given its example count (config validation reads the keys).
-RULES: dict[str, Callable[[float], float]] = {
+# Streaming rule -> the weight of one update given its example count.
+WEIGHTS: dict[str, Callable[[float], float]] = {
     "mean": lambda num_examples: 1.0,
     "weighted": float,
 }
@@ -121,10 +124,10 @@ def clip_update(base: Arrays, arrays: Arrays, max_norm: float) -> dict[str, np.n
 
 
 def update_weight(rule: str, num_examples: float) -> float:
-    """The weight of one update under ``rule`` (``RULES``): 1 for ``mean``, its example count for ``weighted``."""
-    if rule not in RULES:
-        raise ValueError(f"aggregation '{rule}': unknown, choose one of {tuple(RULES)}")
-    return RULES[rule](num_examples)
+    """The weight of one update under a streaming ``rule``: 1 for ``mean``, its example count for ``weighted``."""
+    if rule not in WEIGHTS:
+        raise ValueError(f"aggregation '{rule}': not a streaming rule, choose one of {tuple(WEIGHTS)}")
+    return WEIGHTS[rule](num_examples)
 
 
 class RunningAggregate:
@@ -191,9 +194,73 @@ def _two_sum_into(total: np.ndarray, error: np.ndarray, values: np.ndarray, weig
         old[...] = s
 
 
-def aggregate(updates: Iterable[tuple[Arrays, float]], rule: str) -> dict[str, np.ndarray]:
+def coordinate_median(stacked: np.ndarray) -> np.ndarray:
+    """The median of each coordinate over the first axis (K updates), in their dtype."""
+    return np.median(stacked, axis=0).astype(stacked.dtype)
+
+
+def trimmed_mean(stacked: np.ndarray, trim_fraction: float) -> np.ndarray:
+    """Per coordinate, the mean of the K values left after dropping the ``floor(trim_fraction * K)``
+    smallest and as many largest (Yin et al. 2018; Flower's ``FedTrimmedAvg`` cuts the same count)."""
+    count = len(stacked)
+    cut = int(trim_fraction * count)
+    if not 0 <= 2 * cut < count:
+        raise ValueError(f"trim-fraction {trim_fraction} leaves no update of {count}")
+    kept = np.sort(stacked, axis=0)[cut:count - cut]
+    return kept.mean(axis=0, dtype=np.float64).astype(stacked.dtype)
+
+
+class BufferedAggregate:
+    """Keeps every update (unweighted) until ``result()`` combines them coordinate by coordinate.
+
+    Memory grows with K: one backbone per reply, plus one array of K rows at a time while combining.
+    The result does not depend on arrival order (each coordinate's values are sorted).
+    """
+
+    def __init__(self, combine: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.combine = combine
+        self.count = 0
+        self._updates: list[Arrays] = []
+
+    def add(self, update: Arrays, num_examples: float) -> None:
+        self._updates.append(update)
+        self.count += 1
+
+    def result(self) -> dict[str, np.ndarray]:
+        if self.count == 0:
+            raise ValueError("no update was aggregated")
+        return {name: self.combine(np.stack([update[name] for update in self._updates]))
+                for name in self._updates[0]}
+
+
+class Aggregate(Protocol):
+    count: int
+
+    def add(self, update: Arrays, num_examples: float) -> None: ...
+
+    def result(self) -> dict[str, np.ndarray]: ...
+
+
+# Aggregation rule (``aggregation``) -> a new stage aggregate given ``trim-fraction``; config validation
+# reads the keys. ``mean`` / ``weighted`` stream; ``median`` / ``trimmed-mean`` buffer the K replies
+# and ignore example counts (a site cannot buy weight by claiming more examples).
+RULES: dict[str, Callable[[float], Aggregate]] = {
+    "mean": lambda trim_fraction: RunningAggregate("mean"),
+    "weighted": lambda trim_fraction: RunningAggregate("weighted"),
+    "median": lambda trim_fraction: BufferedAggregate(coordinate_median),
+    "trimmed-mean": lambda trim_fraction: BufferedAggregate(lambda stacked: trimmed_mean(stacked, trim_fraction)),
+}
+
+
+def new_aggregate(rule: str, trim_fraction: float = 0.0) -> Aggregate:
+    if rule not in RULES:
+        raise ValueError(f"aggregation '{rule}': unknown, choose one of {tuple(RULES)}")
+    return RULES[rule](trim_fraction)
+
+
+def aggregate(updates: Iterable[tuple[Arrays, float]], rule: str, trim_fraction: float = 0.0) -> dict[str, np.ndarray]:
     """Batch form: the aggregate of ``(arrays, num_examples)`` pairs, in the given order."""
-    running = RunningAggregate(rule)
+    running = new_aggregate(rule, trim_fraction)
     for arrays, num_examples in updates:
         running.add(arrays, num_examples)
     return running.result()

@@ -61,6 +61,7 @@ class RunConfig:
     download: bool
     skip_unreadable: bool
     aggregation: str
+    trim_fraction: float
     server_mix: float
     pretrain: str
     pretrain_epochs: int
@@ -78,6 +79,13 @@ class RunConfig:
     min_replies: int
     max_update_ratio: float
     on_excess_update: str
+    dp: str
+    dp_clip_norm: float
+    dp_noise_multiplier: float
+    dp_delta: float
+    dp_secure_noise: bool
+    attack_nodes: int
+    attack_factor: float
     node_metrics: bool
     tracker: str
     transport_dtype: str
@@ -129,6 +137,14 @@ class RunConfig:
                   f"must be one of {('none', *METHODS)} or an existing checkpoint file")
         output_dir = Path(self.output_dir).expanduser()
         check(not output_dir.exists() or output_dir.is_dir(), "output-dir", "exists and is not a directory")
+        if self.dp == "site":  # the noise is calibrated to one site moving an unweighted mean by clip / K
+            check(self.aggregation == "mean", "aggregation", "dp = 'site' needs aggregation = 'mean'")
+            check(self.strategy in ("stagewise", "fedavg"), "strategy", "dp = 'site' noises an aggregate of "
+                  "updates: use stagewise or fedavg")
+        if self.dp == "example":
+            check(not self.compile, "compile", "not with dp = 'example' (Opacus' per-example hooks)")
+            check(self.strategy != "centralized", "strategy", "centralized trains on the server; dp = 'example' "
+                  "protects what sites send")
         unknown = [name for name in self.held_out if name not in self.dataset_names]
         check(not unknown, "held-out", f"{unknown} not among the dataset names {self.dataset_names}")
         check(len(self.held_out) < len(self.datasets), "held-out", "leaves no dataset to train on")
@@ -151,6 +167,8 @@ KEYS: dict[str, str] = {f.name.replace("_", "-"): str(f.type) for f in dataclass
 # The keys a node reads from the run config: where its data are and how nodes share them.
 NODE_DATA_KEYS = ("data", "data-root", "datasets", "partition", "dirichlet-alpha", "download", "skip-unreadable",
                   "seed")
+# The keys that make a simulated node hostile (experiments on robust aggregation; attacks.py).
+NODE_ATTACK_KEYS = ("attack-nodes", "attack-factor")
 
 
 Check = Callable[[Any], "str | None"]  # the reason a value is wrong, or None
@@ -186,6 +204,7 @@ CHECKS: dict[str, Check] = {
     "partition": _one_of("data", "PARTITIONS"),
     "dirichlet-alpha": _rule(lambda value: value > 0, "must be > 0"),
     "aggregation": _one_of("aggregation", "RULES"),
+    "trim-fraction": _rule(lambda value: 0.0 <= value < 0.5, "must be in [0, 0.5)"),
     "server-mix": _rule(lambda value: 0.0 < value <= 1.0, "must be in (0, 1]"),
     "pretrain-epochs": _at_least(0),
     "eval-mode": _one_of("task", "EVAL_PROTOCOLS"),
@@ -201,6 +220,11 @@ CHECKS: dict[str, Check] = {
     "min-replies": _at_least(1),
     "max-update-ratio": _rule(lambda value: value > 0, "must be > 0"),
     "on-excess-update": _one_of("validation", "ON_EXCESS"),
+    "dp": _one_of("privacy", "DP_LEVELS"),
+    "dp-clip-norm": _rule(lambda value: value > 0, "must be > 0"),
+    "dp-noise-multiplier": _rule(lambda value: value > 0, "must be > 0 (dp = 'off' for no noise)"),
+    "dp-delta": _rule(lambda value: 0.0 < value < 1.0, "must be in (0, 1)"),
+    "attack-nodes": _at_least(0),
     "tracker": _one_of("tracking", "TRACKERS"),
     "transport-dtype": _one_of("transport", "TRANSPORT_DTYPES"),
     "device": _one_of("task", "DEVICES"),

@@ -9,12 +9,14 @@ import reprlib
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from .config import ConfigError, read_keys
+from .privacy import DPSGD
 from .task import TrainSettings, resolve_device
 from .transport import TRANSPORT_DTYPES, decode, encode
 
@@ -22,9 +24,21 @@ from .transport import TRANSPORT_DTYPES, decode, encode
 # authentication: ~30 ms each on the loopback benchmark), so ``pack`` sends the arrays of one call
 # as one flat buffer in the wire dtype, named by its index: ``"packed:" + JSON [[name, shape], ...]``.
 PACKED = "packed:"
+R = TypeVar("R", ArrayRecord, ConfigRecord, MetricRecord)
 # An index is a few dozen characters per array; a longer one is not one that ``pack`` wrote.
 MAX_INDEX_CHARS = 1 << 20
 MAX_NDIM = 8
+
+
+def record(content: RecordDict, name: str, kind: type[R]) -> R | None:
+    """``content[name]`` if it is a ``kind`` record, else None.
+
+    Reads the RecordDict itself: Flower's typed views (``content.array_records``, ...) are built per
+    access and hold a reference cycle (a bound method of the view) to the whole RecordDict, so a reply
+    read through them keeps its arrays until the cyclic garbage collector runs. On a server folding
+    K large replies that raised peak memory with K (benchmarks/README.md)."""
+    value = content[name] if name in content else None
+    return value if isinstance(value, kind) else None
 
 
 def to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
@@ -136,6 +150,10 @@ class Instructions:
     node_metrics: bool
     compile: bool
     strategy: str  # what the node keeps between messages (``strategy.STRATEGIES[...].node_keeps``)
+    dp: str  # "example": the node fine-tunes with DP-SGD (privacy.py)
+    dp_clip_norm: float
+    dp_noise_multiplier: float
+    dp_secure_noise: bool
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)})
@@ -150,5 +168,7 @@ class Instructions:
         return cls(epochs=epochs, **values)
 
     def train_settings(self) -> TrainSettings:
+        dp_sgd = (DPSGD(self.dp_clip_norm, self.dp_noise_multiplier, self.dp_secure_noise)
+                  if self.dp == "example" else None)
         return TrainSettings(self.epochs, self.lr, self.weight_decay, self.batch_size, self.seed,
-                             resolve_device(self.device), self.compile, self.layer_decay, self.eval_split)
+                             resolve_device(self.device), self.compile, self.layer_decay, self.eval_split, dp_sgd)

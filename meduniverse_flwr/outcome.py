@@ -30,3 +30,8 @@ class StageOutcome:
     bytes_up: int = 0
     bytes_down: int = 0
     per_task: dict[str, dict] = field(default_factory=dict)
+    # differential privacy (dp != off): the run's cumulative (epsilon, delta) after this stage, and what
+    # this stage spent ({party, noise_multiplier, sample_rate, steps} each), replayed on resume
+    epsilon: float | None = None
+    delta: float | None = None
+    privacy_events: list[dict] = field(default_factory=list)

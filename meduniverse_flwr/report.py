@@ -20,6 +20,7 @@ seed; the numbers are in ``stats``.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import textwrap
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from . import stats
-from .config import split_list
+from .config import declared_defaults, split_list
 from .results import read_results, summarize
 from .tracking import MLFLOW_POINTER, TENSORBOARD_DIR, read_pointer
 from .validation import safe_label
@@ -65,6 +66,8 @@ def table_columns(stages: list[dict[str, Any]]) -> list[Column]:
         columns.append((safe_label(task) + (" (held out)" if held_out else ""), _cells(scores, ".4f")))
     columns += [("gain", _cells(summarize(stages)["accuracy_gain"], "+z.4f")),
                 ("train loss", column("train_loss", ".4f")), ("seconds", column("seconds", ".1f"))]
+    if any("epsilon" in s for s in stages):
+        columns.append(("epsilon", column("epsilon", ".3f")))
     return columns
 
 
@@ -144,6 +147,30 @@ def report(path: Path) -> str:
 CENTRALIZED = "centralized (pools data: breaks privacy, upper reference)"
 # keys that may differ between the runs of one group without making them different experiments
 SAME_EXPERIMENT_KEYS = ("seed", "output-dir", "resume-from", "device", "stage-timeout", "tracker", "num-stages")
+# settings that make a run a variant of its strategy (privacy, robustness): named in its group's label
+# when they differ from the declared defaults
+VARIANT_KEYS = ("aggregation", "trim-fraction", "max-update-ratio", "on-excess-update", "dp", "dp-clip-norm",
+                "dp-noise-multiplier", "dp-delta", "dp-secure-noise", "attack-nodes", "attack-factor")
+
+
+ATTACK_SHOWN = ("aggregation", "max-update-ratio", "attack-factor")
+
+
+def variant(config: dict[str, Any]) -> str:
+    """`` [key=value, ...]`` for the VARIANT_KEYS a run sets away from their declared defaults ("" for
+    none); settings that do nothing are left out (dp-* with dp off, a trim of another rule, an attack
+    factor without attackers), and an attacked run always names its attack and defence (ATTACK_SHOWN)."""
+    defaults = declared_defaults()
+    attacked = config.get("attack-nodes", 0) != 0
+    shown = []
+    for key in VARIANT_KEYS:
+        value = config.get(key, defaults[key])
+        idle = ((key.startswith("dp-") and config.get("dp", "off") == "off")
+                or (key == "trim-fraction" and config.get("aggregation") != "trimmed-mean")
+                or (key == "attack-factor" and not attacked))
+        if not idle and (value != defaults[key] or attacked and key in ATTACK_SHOWN):
+            shown.append(f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}")
+    return f" [{', '.join(shown)}]" if shown else ""
 
 
 @dataclass(frozen=True)
@@ -157,7 +184,8 @@ class Run:
 
     @property
     def group(self) -> stats.GroupKey:
-        return self.strategy, self.held_out
+        """(strategy and its variant settings, held-out tasks)."""
+        return self.strategy + variant(self.config), self.held_out
 
 
 def _config_value(results_path: Path, config: dict[str, Any], key: str, default: Any,
@@ -185,7 +213,8 @@ def read_run(results_path: Path) -> Run:
 
 
 def strategy_label(strategy: str) -> str:
-    return CENTRALIZED if strategy == "centralized" else safe_label(strategy)
+    """A group's strategy (with its variant settings) for tables and legends."""
+    return CENTRALIZED + strategy[len("centralized"):] if strategy.startswith("centralized") else safe_label(strategy)
 
 
 def group_label(key: stats.GroupKey) -> str:
@@ -214,7 +243,7 @@ def _scores(runs: list[Run], stage: int, held_out: bool) -> stats.Scores:
 def _group_order(key: stats.GroupKey) -> tuple[int, str, tuple[str, ...]]:
     """The method first, the centralized reference last, the rest as named."""
     strategy, held_out = key
-    return ({"stagewise": 0, "centralized": 2}.get(strategy, 1), strategy, held_out)
+    return ({"stagewise": 0, "centralized": 2}.get(strategy.split(" [")[0], 1), strategy, held_out)
 
 
 def build_groups(runs: list[Run], num_stages: int) -> dict[stats.GroupKey, Group]:
@@ -332,7 +361,7 @@ def held_out_table(groups: dict[stats.GroupKey, Group], final: int) -> str | Non
 
 
 def wall_time_table(runs: list[Run]) -> str:
-    rows = [[str(run.results_path), strategy_label(run.strategy), safe_label(", ".join(run.held_out)) or "-",
+    rows = [[str(run.results_path), strategy_label(run.group[0]), safe_label(", ".join(run.held_out)) or "-",
              str(run.seed), str(len(run.stages)), f"{sum(s['seconds'] for s in run.stages):.1f}"] for run in runs]
     return md_table(["results.json", "strategy", "held out", "seed", "stages", "seconds"], rows)
 
@@ -344,7 +373,28 @@ TESTS_NOTE = ("Pairs: (task, seed), trained tasks scored in both. Wilcoxon signe
               "test, Holm-adjusted across the comparisons of this table; the paired t-test is shown beside it. "
               "p = 1 when every difference is zero; - when fewer than 2 pairs (or, for t, no variance).")
 FIGURES_NOTE = ("Figures: `fig3_gain.png` (mean accuracy gain over stage 0 per stage, ± std over seeds), "
-                "`gain_heatmap.png` (per-task gain, final stage minus stage 0, mean over seeds).")
+                "`gain_heatmap.png` (per-task gain, final stage minus stage 0, mean over seeds); with variants "
+                "(privacy, robustness settings) also `final_accuracy.png` (mean accuracy at stage 0 and the final "
+                "stage per group) and, with differential privacy, `accuracy_vs_epsilon.png`.")
+PRIVACY_NOTE = ("Epsilon: the run's cumulative epsilon at the final stage (the worst protected party: the "
+                "federation at the site level, the worst site at the example level), at the run's delta, by "
+                "Opacus's RDP accountant; - without differential privacy (no guarantee).")
+
+
+def final_epsilons(group: Group, final: int) -> list[float | None]:
+    """Each run's cumulative epsilon at ``final`` (None without DP)."""
+    return [run.stages[final].get("epsilon") for run in group.runs]
+
+
+def privacy_table(groups: dict[stats.GroupKey, Group], final: int) -> str:
+    rows = []
+    for key, group in groups.items():
+        epsilons = [e for e in final_epsilons(group, final) if e is not None]
+        gains = stats.gain_spreads(group.mean_curves)
+        rows.append([group_label(key), f"{max(epsilons):.3f}" if epsilons else "-",
+                     _spread_cell(stats.mean_std(c[final] for c in group.mean_curves), len(group.runs)),
+                     _spread_cell(gains[final], len(group.runs))])
+    return md_table(["group", "epsilon (final)", f"mean accuracy, stage {final}", "gain over stage 0"], rows)
 
 
 def report_markdown(runs: list[Run], groups: dict[stats.GroupKey, Group], num_stages: int,
@@ -356,6 +406,8 @@ def report_markdown(runs: list[Run], groups: dict[stats.GroupKey, Group], num_st
               f"stages 0..{final} (0 = the starting base)."), LEGEND, ""]
     parts += [f"- note: {_md(note)}" for note in notes] + ([""] if notes else [])
     parts += [f"## Accuracy at the final stage ({final}), by strategy", "", final_stage_table(groups, final), ""]
+    if any(variant_of(key) for key in groups):
+        parts += ["## Accuracy, gain and privacy by group", "", PRIVACY_NOTE, "", privacy_table(groups, final), ""]
     parts += ["## Paired tests", "", TESTS_NOTE, "", comparisons_table(comparisons), ""]
     held_out = held_out_table(groups, final)
     if held_out is not None:
@@ -438,6 +490,71 @@ def plot_gain_heatmap(groups: dict[stats.GroupKey, Group], final: int, path: Pat
     plt.close(fig)
 
 
+def variant_of(key: stats.GroupKey) -> bool:
+    return " [" in key[0]
+
+
+def plot_final_accuracy(groups: dict[stats.GroupKey, Group], final: int, path: Path) -> None:
+    """Per group, the mean accuracy at stage 0 and at the final stage (mean ± std over seeds)."""
+    plt = _pyplot()
+    labels = [textwrap.fill(group_label(k), 60) for k in groups]
+    fig, ax = plt.subplots(figsize=(9, 1.5 + 0.55 * len(groups)), dpi=120)
+    lowest = 100.0
+    for offset, stage, name in ((-0.2, 0, "stage 0"), (0.2, final, f"stage {final}")):
+        spreads = [stats.mean_std(c[stage] for c in g.mean_curves) for g in groups.values()]
+        ax.barh([i + offset for i in range(len(groups))], [100 * (s.mean or 0.0) for s in spreads], height=0.4,
+                xerr=[100 * (s.std or 0.0) for s in spreads], label=name)
+        lowest = min([lowest] + [100 * (s.mean - (s.std or 0.0)) for s in spreads if s.mean is not None])
+    ax.set_xlim(left=max(0.0, 5 * math.floor(lowest / 5) - 5))  # the differences, not the common bulk
+    ax.set_yticks(range(len(groups)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("mean accuracy over trained tasks (%), mean ± std over seeds")
+    ax.set_title("Accuracy per group at stage 0 and at the final stage")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_epsilon(groups: dict[stats.GroupKey, Group], final: int, path: Path) -> None:
+    """Final mean accuracy (± std over seeds) against the final epsilon, one series per DP level; runs
+    without DP at the right edge, marked infinity."""
+    plt = _pyplot()
+    points: dict[str, list[tuple[float, float, float]]] = {}
+    no_dp = []
+    for key, group in groups.items():
+        spread = stats.mean_std(c[final] for c in group.mean_curves)
+        if spread.mean is None:
+            continue
+        epsilons = [e for e in final_epsilons(group, final) if e is not None]
+        level = str(group.runs[0].config.get("dp", "off"))
+        if epsilons:
+            points.setdefault(level, []).append((max(epsilons), 100 * spread.mean, 100 * (spread.std or 0.0)))
+        else:
+            no_dp.append((100 * spread.mean, 100 * (spread.std or 0.0), group_label(key)))
+    finite = [x for series in points.values() for x, _, _ in series]
+    right = 2 * max(finite, default=1.0)
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for level, series in sorted(points.items()):
+        series.sort()
+        ax.errorbar([x for x, _, _ in series], [y for _, y, _ in series], yerr=[e for _, _, e in series],
+                    marker="o", capsize=3, label=f"dp = {level}")
+    for y, err, label in no_dp:
+        ax.errorbar([right], [y], yerr=[err], marker="s", capsize=3, label=textwrap.fill(f"no DP: {label}", 40))
+    starts = [c[0] for g in groups.values() for c in g.mean_curves if c[0] is not None]
+    if starts:  # what the stages gain is measured from
+        ax.axhline(100 * sum(starts) / len(starts), color="gray", linestyle="--", linewidth=1,
+                   label="stage 0 (the starting base), mean over runs")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"epsilon after stage {final} (log scale; no DP drawn at the right edge, epsilon = infinity)")
+    ax.set_ylabel(f"mean accuracy at stage {final} (%)")
+    ax.set_title("Accuracy against the privacy budget (mean ± std over seeds)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
 # ------------------------------------------------------------------ the whole report
 def default_out(runs: list[Run]) -> Path:
     """``report/`` in the runs' common parent directory; ``./report`` when that is the filesystem root."""
@@ -463,6 +580,12 @@ def write_report(runs: list[Run], out: Path, notes: list[str]) -> list[Path]:
     tmp.replace(paths[0])
     plot_gain_over_seeds(groups, num_stages, paths[1])
     plot_gain_heatmap(groups, num_stages - 1, paths[2])
+    if any(variant_of(key) for key in groups):
+        paths.append(out / "final_accuracy.png")
+        plot_final_accuracy(groups, num_stages - 1, paths[-1])
+    if any(e is not None for g in groups.values() for e in final_epsilons(g, num_stages - 1)):
+        paths.append(out / "accuracy_vs_epsilon.png")
+        plot_accuracy_vs_epsilon(groups, num_stages - 1, paths[-1])
     return paths
 
 

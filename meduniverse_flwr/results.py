@@ -19,6 +19,7 @@ import torch
 from .metrics import paired_p_value
 from .model import save_backbone
 from .outcome import StageOutcome
+from .privacy import check_events
 from .validation import safe_label
 
 
@@ -45,6 +46,8 @@ def stage_entry(stage: int, outcome: StageOutcome, seconds: float) -> dict[str, 
     entry.update({"train_loss": outcome.train_loss, "rejected": outcome.rejected,
                   "nodes": [dataclasses.asdict(report) for report in outcome.nodes],
                   "bytes_up": outcome.bytes_up, "bytes_down": outcome.bytes_down, "seconds": round(seconds, 3)})
+    if outcome.epsilon is not None:
+        entry.update({"epsilon": outcome.epsilon, "delta": outcome.delta, "privacy_events": outcome.privacy_events})
     return entry
 
 
@@ -247,6 +250,10 @@ def _check_results(payload: Any) -> None:
             _expect(_is_number(stage.get(key), 0) and isinstance(stage[key], int), f"{where}.{key}", stage.get(key),
                     "must be an integer >= 0")
         _expect(_is_number(stage.get("seconds"), 0), f"{where}.seconds", stage.get("seconds"), "must be a number >= 0")
+        if "epsilon" in stage:
+            _expect(_is_number(stage["epsilon"], 0), f"{where}.epsilon", stage["epsilon"], "must be a number >= 0")
+            _expect(_is_number(stage.get("delta"), 0, 1), f"{where}.delta", stage.get("delta"), "must be in [0, 1]")
+            check_events(stage.get("privacy_events"), f"{where}.privacy_events")
         per_task = stage.get("per_task")
         _expect(isinstance(per_task, dict), f"{where}.per_task", per_task, "must be an object")
         for task, scores in per_task.items():

@@ -115,6 +115,8 @@ def run_stages(grid: Grid, config: RunConfig, outputs: RunOutputs, base: dict[st
             log(WARNING, "tracker %s: stage %d not logged (%s)", config.tracker, stage, err)
         log(INFO, "stage %d: mean accuracy %s, %.1fs", stage, entry["mean_accuracy"], entry["seconds"])
 
+    for entry in outputs.stages:  # a resumed run goes on from the privacy its stages spent
+        strategy.replay_privacy(entry.get("privacy_events", []))
     if not outputs.stages:
         finish_stage(0, time.monotonic())
     for stage in range(outputs.stages[-1]["stage"] + 1, config.num_stages + 1):

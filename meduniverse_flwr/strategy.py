@@ -36,13 +36,14 @@ from flwr.serverapp.strategy import Strategy
 from flwr.common import log
 from flwr.common.constant import SUPERLINK_NODE_ID
 
-from .aggregation import RunningAggregate, mix
+from .aggregation import Aggregate, clip_update, mix, new_aggregate
 from .config import RunConfig
 from .data import TaskCard, load_node_task, options_from
-from .messages import Instructions, pack, to_numpy, to_record, unpack
+from .messages import Instructions, pack, record, to_numpy, to_record, unpack
 from .model import new_head_state
 from .outcome import NodeReport, StageOutcome
 from .pooled import train_pooled
+from .privacy import PrivacyLedger, example_steps, noise_seed, noisy_sum_mean
 from .seeds import derive_seed
 from .task import EVAL_PROTOCOLS
 from .validation import (EvalScore, Rejected, TrainUpdate, admit_cards, check_eval_reply, check_train_reply,
@@ -68,6 +69,12 @@ class StageWise(Strategy):
     def __init__(self, config: RunConfig) -> None:
         self.clients_per_stage = config.clients_per_stage
         self.aggregation = config.aggregation
+        self.trim_fraction = config.trim_fraction
+        self.dp = config.dp
+        self.dp_clip_norm = config.dp_clip_norm
+        self.dp_noise_multiplier = config.dp_noise_multiplier
+        self.dp_secure_noise = config.dp_secure_noise
+        self.privacy = PrivacyLedger(config.dp_delta)
         self.server_mix = config.server_mix
         self.seed = config.seed
         self.held_out = frozenset(config.held_out)
@@ -86,7 +93,7 @@ class StageWise(Strategy):
         self.cards: dict[int, TaskCard] = {}
         self.outcome = StageOutcome()
         self._base: dict[str, np.ndarray] = {}
-        self._running = RunningAggregate(self.aggregation)
+        self._running = self._new_aggregate()
         self._replied: set[int] = set()
         self._train_nodes: dict[int, TaskCard] = {}
         self._outbox: list[Message] = []  # the messages last sent (ids set by the grid on push)
@@ -97,7 +104,10 @@ class StageWise(Strategy):
         log(INFO, "\t├──> StageWise: K=%d valid replies end a stage (of ceil(%.2f K) asked, at least %d "
             "before the timeout), aggregation=%s, server-mix=%.2f", self.clients_per_stage, self.oversample,
             self.min_replies, self.aggregation, self.server_mix)
-        log(INFO, "\t└──> held-out tasks (evaluated only): %s", sorted(self.held_out) or "none")
+        log(INFO, "\t├──> held-out tasks (evaluated only): %s", sorted(self.held_out) or "none")
+        log(INFO, "\t└──> differential privacy: %s", "off" if self.dp == "off" else
+            f"{self.dp} level, clip {self.dp_clip_norm:g}, noise multiplier {self.dp_noise_multiplier:g}, "
+            f"delta {self.privacy.delta:g}")
 
     # ------------------------------------------------------------------ query
     def query_cards(self, grid: Grid) -> dict[int, TaskCard]:
@@ -112,9 +122,10 @@ class StageWise(Strategy):
             try:
                 if reply.has_error():
                     raise Rejected(f"error reply ({reply.error.reason})")
-                if "card" not in reply.content.config_records:
+                card = record(reply.content, "card", ConfigRecord)
+                if card is None:
                     raise Rejected("no 'card' record in the reply")
-                parsed[node] = parse_card(reply.content.config_records["card"])
+                parsed[node] = parse_card(card)
             except Rejected as err:
                 log(WARNING, "node %d: task card rejected: %s", node, err)
         self.cards, refused = admit_cards(parsed)
@@ -167,7 +178,7 @@ class StageWise(Strategy):
         sent = dataclasses.replace(self.train_instructions, seed=derive_seed(self.seed, server_round, "train", card.name))
         content = RecordDict({"arrays": ArrayRecord({**base, **head}),
                               "config": ConfigRecord({**sent.to_record(), **dict(config)})})
-        self.outcome.bytes_down += content.array_records["arrays"].count_bytes()
+        self.outcome.bytes_down += content["arrays"].count_bytes()
         return Message(content, dst_node_id=node, message_type=MessageType.TRAIN, group_id=f"stage-{server_round}")
 
     def accept_train_reply(self, reply: Message) -> bool:
@@ -183,7 +194,7 @@ class StageWise(Strategy):
             return False
         if update.excess is not None:
             log(WARNING, "stage reply from node %d: %s", node, update.excess)
-        self.outcome.bytes_up += reply.content.array_records["arrays"].count_bytes()
+        self.outcome.bytes_up += record(reply.content, "arrays", ArrayRecord).count_bytes()
         self.fold(update)
         # a missing train-loss is not worth rejecting the update; the stage's mean says it is unknown
         self._loss_sum += math.nan if update.train_loss is None else update.train_loss
@@ -202,12 +213,45 @@ class StageWise(Strategy):
         return len(self.outcome.participants)
 
     def fold(self, update: TrainUpdate) -> None:
-        """Take one valid update into the stage's result."""
-        self._running.add(update.arrays, update.num_examples)
+        """Take one valid update into the stage's result (with site-level DP: clipped to the DP bound)."""
+        arrays = clip_update(self._base, update.arrays, self.dp_clip_norm) if self.dp == "site" else update.arrays
+        self._running.add(arrays, update.num_examples)
 
     def next_base(self) -> dict[str, np.ndarray]:
-        """The base the stage's valid updates make."""
-        return mix(self._base, self._running.result(), self.server_mix)
+        """The base the stage's valid updates make (with site-level DP: their noisy sum over K)."""
+        aggregate = self._running.result()
+        if self.dp == "site":
+            rng = np.random.default_rng(noise_seed(derive_seed(self.seed, self._stage, "dp-noise"), self.dp_secure_noise))
+            aggregate = noisy_sum_mean(self._base, aggregate, self._running.count, self._target(),
+                                       self.dp_noise_multiplier * self.dp_clip_norm, rng)
+        return mix(self._base, aggregate, self.server_mix)
+
+    def spend_privacy(self) -> None:
+        """Record what the stage released: one Gaussian event on the sites (site level), or each asked
+        site's DP-SGD steps (example level; asked, since a late or rejected reply was still sent)."""
+        if self.dp == "site":
+            self._spend("federation", 1.0, 1)
+        elif self.dp == "example":
+            for card in self._train_nodes.values():
+                self._spend(card.name, *example_steps(card.n_train, self.train_instructions.batch_size,
+                                                      self.train_instructions.epochs))
+        if self.dp != "off":
+            self.outcome.epsilon, self.outcome.delta = self.privacy.worst_epsilon(), self.privacy.delta
+            log(INFO, "stage %d: differential privacy (%s level): epsilon %.3f at delta %g so far",
+                self._stage, self.dp, self.outcome.epsilon, self.privacy.delta)
+
+    def _spend(self, party: str, sample_rate: float, steps: int) -> None:
+        self.privacy.spend(party, self.dp_noise_multiplier, sample_rate, steps)
+        self.outcome.privacy_events.append({"party": party, "noise_multiplier": self.dp_noise_multiplier,
+                                            "sample_rate": sample_rate, "steps": steps})
+
+    def replay_privacy(self, events: Iterable[dict]) -> None:
+        """A resumed run's spent privacy, from its results.json's events."""
+        for event in events:
+            self.privacy.spend(event["party"], event["noise_multiplier"], event["sample_rate"], event["steps"])
+
+    def _new_aggregate(self) -> Aggregate:
+        return new_aggregate(self.aggregation, self.trim_fraction)
 
     def finish_stage(self, server_round: int) -> tuple[ArrayRecord, MetricRecord]:
         """The next base from the replies folded so far; StageFailed below ``min_replies``."""
@@ -218,10 +262,11 @@ class StageWise(Strategy):
         if count < min(self.clients_per_stage, len(self._train_nodes)):
             log(WARNING, "stage %d ends with %d of %d replies", server_round, count, self.clients_per_stage)
         new_base = self.next_base()
+        self.spend_privacy()
         self.outcome.participants.sort()
         self.outcome.nodes.sort(key=lambda report: (report.task, report.node))
         self.outcome.train_loss = self._loss_sum / count
-        self._running = RunningAggregate(self.aggregation)  # free the sums now
+        self._running = self._new_aggregate()  # free the sums now
         return to_record(new_base), MetricRecord({"replies": count, "train-loss": self.outcome.train_loss})
 
     def aggregate_train(
@@ -325,6 +370,8 @@ class StageWise(Strategy):
     def take_outcome(self) -> StageOutcome:
         """The record of the stage that just ended; the next stage starts a fresh one."""
         finished, self.outcome = self.outcome, StageOutcome()
+        if self.dp != "off" and finished.epsilon is None:  # stage 0 (or evaluation only): nothing released yet
+            finished.epsilon, finished.delta = self.privacy.worst_epsilon(), self.privacy.delta
         return finished
 
     def _sender(self, reply: Message) -> int:
@@ -360,7 +407,7 @@ class StageWise(Strategy):
         self._stage_started = time.monotonic()
         self._replied = set()
         self._base = to_numpy(arrays)
-        self._running = RunningAggregate(self.aggregation)
+        self._running = self._new_aggregate()
         self._loss_sum = 0.0
 
     def _embed_dim(self) -> int:
@@ -373,14 +420,15 @@ class StageWise(Strategy):
             raise Rejected("not asked to train in this stage")
         if reply.has_error():
             raise Rejected(f"error reply ({reply.error.reason})")
-        content = reply.content
-        if "arrays" not in content.array_records or "metrics" not in content.metric_records:
+        arrays_record = record(reply.content, "arrays", ArrayRecord)
+        metrics = record(reply.content, "metrics", MetricRecord)
+        if arrays_record is None or metrics is None:
             raise Rejected("reply lacks the 'arrays' or 'metrics' record")
         try:
-            arrays = unpack(content.array_records["arrays"], self.transport_dtype)
+            arrays = unpack(arrays_record, self.transport_dtype)
         except Exception as err:  # a malformed payload from one node must not crash the server
             raise Rejected(f"arrays cannot be decoded ({err})") from None
-        return check_train_reply(self._base, arrays, content.metric_records["metrics"], self._train_nodes[node],
+        return check_train_reply(self._base, arrays, metrics, self._train_nodes[node],
                                  max_update_ratio=self.max_update_ratio, on_excess=self.on_excess_update)
 
 
@@ -393,9 +441,10 @@ def _check_evaluate_reply(reply: Message, card: TaskCard | None, eval_split: str
         raise Rejected("node has no task card")
     if reply.has_error():
         raise Rejected(f"error reply ({reply.error.reason})")
-    if "metrics" not in reply.content.metric_records:
+    metrics = record(reply.content, "metrics", MetricRecord)
+    if metrics is None:
         raise Rejected("reply lacks the 'metrics' record")
-    return check_eval_reply(reply.content.metric_records["metrics"], card, eval_split)
+    return check_eval_reply(metrics, card, eval_split)
 
 
 def task_score(scores: list[EvalScore], problems: list[str], held_out: bool) -> dict:
@@ -452,7 +501,7 @@ class Cyclic(StageWise):
             for reply in grid.send_and_receive([message], timeout=max(0.0, deadline - time.monotonic())):
                 if self.accept_train_reply(reply):
                     self._base = self._running.result()  # the next node starts from this one's backbone
-                    self._running = RunningAggregate(self.aggregation)
+                    self._running = self._new_aggregate()
             if node not in self._replied:
                 log(WARNING, "stage %d: no reply from node %s before the timeout", server_round, self._name(node))
         return self.finish_stage(server_round)

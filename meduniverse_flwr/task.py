@@ -6,9 +6,10 @@ batched tensor ops, so the loop never waits on per-sample Python work.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -19,6 +20,7 @@ from torch import nn
 from . import metrics
 from .data import NodeTask, TaskData
 from .model import create_model, embed_dim, merge_state, new_head_state, split_state
+from .privacy import DPSGD, make_private, noise_only_step, poisson_batches
 
 PROBE_LR = 1e-2  # a linear probe on standardised features tolerates a large step
 WARMUP_FRACTION = 0.05
@@ -35,6 +37,7 @@ class TrainSettings:
     compile: bool = False  # torch.compile the model (pays off for long runs on a GPU; see benchmarks/README.md)
     layer_decay: float = 1.0  # layer-wise lr decay (MAE / BEiT); 1.0 = one lr for every layer
     eval_split: str = "test"  # the split the evaluation protocols score on: "test" or "val" (for choosing settings)
+    dp_sgd: DPSGD | None = None  # example-level DP of the fine-tuning whose backbone leaves the site (privacy.py)
 
 
 EVAL_SPLITS = ("test", "val")
@@ -147,33 +150,52 @@ def train_step(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     return loss.detach()
 
 
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """One epoch of batches: a seeded permutation cut into ``ceil(n / batch)`` index tensors."""
+    yield from torch.randperm(n, generator=generator).split(batch_size)
+
+
 def fit(model: nn.Module, data: TaskData, label_kind: str, settings: TrainSettings, augment: bool = True) -> float:
     """Train ``model`` on ``data`` (AdamW with ``param_groups``, warm-up + cosine); returns the mean
     loss of the last epoch.
 
     The data move to the device once, and the loss stays there until the epoch ends: on a GPU
-    the loop then never waits for a host copy or a sync.
+    the loop then never waits for a host copy or a sync. With ``settings.dp_sgd`` the batches are
+    Poisson-sampled and each step is Opacus's DP-SGD step (per-example clipping, then noise).
     """
     device = settings.device
     model.to(device).train()
-    forward = torch.compile(model) if settings.compile else model
     images, labels = data.images.to(device, non_blocking=True), data.labels.to(device, non_blocking=True)
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay, settings.lr, settings.layer_decay))
     steps_per_epoch = math.ceil(len(data) / settings.batch_size)
+    if settings.dp_sgd is None:
+        forward, batches, close = torch.compile(model) if settings.compile else model, shuffled_batches, None
+    else:
+        forward, optimizer, close = make_private(model, optimizer, settings.dp_sgd, settings.batch_size,
+                                                 settings.seed, device)
+        batches = poisson_batches
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(settings.epochs * steps_per_epoch))
     epoch_loss = float("nan")
-    for _ in range(settings.epochs):
-        order = torch.randperm(len(data), generator=generator).to(device)
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        for start in range(0, len(data), settings.batch_size):
-            index = order[start : start + settings.batch_size]
-            x = to_input(images[index], device) if images.dtype == torch.uint8 else images[index]
-            if augment:
-                x = random_flip(x, generator)
-            loss = train_step(forward, x, labels[index], label_kind, optimizer, schedule, device)
-            total += loss.double() * len(index)  # float64, as exact as a Python float sum
-        epoch_loss = total.item() / len(data)
+    try:
+        for _ in range(settings.epochs):
+            total, seen = torch.zeros((), dtype=torch.float64, device=device), 0
+            for index in batches(len(data), settings.batch_size, generator):
+                if len(index) == 0:  # an empty Poisson batch still takes its noisy step
+                    noise_only_step(model, optimizer)
+                    schedule.step()
+                    continue
+                index = index.to(device)
+                x = to_input(images[index], device) if images.dtype == torch.uint8 else images[index]
+                if augment:
+                    x = random_flip(x, generator)
+                loss = train_step(forward, x, labels[index], label_kind, optimizer, schedule, device)
+                total += loss.double() * len(index)  # float64, as exact as a Python float sum
+                seen += len(index)
+            epoch_loss = total.item() / seen if seen else float("nan")
+    finally:
+        if close is not None:
+            close()
     return epoch_loss
 
 
@@ -287,7 +309,9 @@ def evaluate_base(
 ) -> dict[str, float]:
     """How good ``backbone`` is for this task: a fresh head trained on the train split, scored on the
     ``settings.eval_split`` split (test by default; with val the test split is never read).
-    ``n-test`` is the number of examples scored."""
+    ``n-test`` is the number of examples scored. Evaluation never uses DP-SGD: nothing trained here
+    leaves the site, only the scores."""
+    settings = dataclasses.replace(settings, dp_sgd=None)
     torch.manual_seed(settings.seed)
     scores = EVAL_PROTOCOLS[eval_mode].run(model_name, image_size, task, backbone, settings)
     return {**scores, "n-test": len(eval_data(task, settings.eval_split))}

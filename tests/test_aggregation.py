@@ -14,7 +14,9 @@ from meduniverse_flwr.aggregation import (
     check_update,
     clip_update,
     mix,
+    new_aggregate,
     relative_update_norm,
+    trimmed_mean,
     update_norm,
     update_weight,
 )
@@ -106,17 +108,59 @@ def test_bad_weight_and_rule_are_rejected():
     with pytest.raises(ValueError, match="> 0"):
         running.add(A, 0)
     assert running.count == 0
-    with pytest.raises(ValueError, match="unknown"):
-        RunningAggregate("median-ish")
+    with pytest.raises(ValueError, match="not a streaming rule"):
+        RunningAggregate("median")
     with pytest.raises(ValueError, match="no update"):
         running.result()
 
 
-def test_rules_map_a_rule_to_its_weight():
-    assert sorted(RULES) == ["mean", "weighted"]
+def test_streaming_rules_map_a_rule_to_its_weight():
+    assert sorted(RULES) == ["mean", "median", "trimmed-mean", "weighted"]
     assert update_weight("mean", 30) == 1.0 and update_weight("weighted", 30) == 30.0
     with pytest.raises(ValueError, match=re.escape("choose one of ('mean', 'weighted')")):
         update_weight("median", 1)
+    with pytest.raises(ValueError, match="unknown"):
+        new_aggregate("median-ish")
+
+
+def test_median_and_trimmed_mean_against_hand_computed_values():
+    updates = [({"w": np.array([1.0, 10.0, -3.0], np.float32)}, 5), ({"w": np.array([2.0, 20.0, -1.0], np.float32)}, 1),
+               ({"w": np.array([4.0, 30.0, -2.0], np.float32)}, 1), ({"w": np.array([3.0, 40.0, 0.0], np.float32)}, 100)]
+    # coordinate-wise over the 4 updates, example counts ignored: sorted (1,2,3,4), (10,20,30,40), (-3,-2,-1,0)
+    np.testing.assert_array_equal(aggregate(updates, "median")["w"], [2.5, 25.0, -1.5])
+    # trim-fraction 0.25 of K=4: one value cut at each end -> mean of the middle two (the median here)
+    np.testing.assert_array_equal(aggregate(updates, "trimmed-mean", 0.25)["w"], [2.5, 25.0, -1.5])
+    # 0.2 x 4 = 0.8 -> nothing cut: the plain mean
+    np.testing.assert_array_equal(aggregate(updates, "trimmed-mean", 0.2)["w"], [2.5, 25.0, -1.5])
+    five = updates + [({"w": np.array([100.0, 0.0, 9.0], np.float32)}, 1)]
+    # K=5, 0.2 -> one cut per end: (2,3,4), (10,20,30), (-2,-1,0)
+    np.testing.assert_array_equal(aggregate(five, "trimmed-mean", 0.2)["w"], [3.0, 20.0, -1.0])
+    np.testing.assert_array_equal(aggregate(five, "median")["w"], [3.0, 20.0, -1.0])
+    assert aggregate(five, "median")["w"].dtype == np.float32
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed-mean"])
+def test_robust_rules_reject_one_outlier_where_the_mean_follows_it(rule):
+    rng = np.random.default_rng(0)
+    honest = [({"w": (1.0 + 0.01 * rng.standard_normal(100)).astype(np.float32)}, 1) for _ in range(4)]
+    for attack in (-1.0, 1e6):  # sign-flipped, and scaled far out
+        updates = honest + [({"w": np.full(100, attack, np.float32)}, 1)]
+        assert np.abs(aggregate(updates, "mean")["w"] - 1.0).max() > 0.3
+        assert np.abs(aggregate(updates, rule, 0.2)["w"] - 1.0).max() < 0.05
+
+
+@pytest.mark.parametrize("rule", ["median", "trimmed-mean"])
+def test_robust_rules_do_not_depend_on_arrival_order(rule):
+    rng = np.random.default_rng(1)
+    updates = [({"w": rng.standard_normal(50).astype(np.float32)}, 1) for _ in range(5)]
+    results = {aggregate([updates[i] for i in order], rule, 0.2)["w"].tobytes()
+               for order in itertools.permutations(range(5))}
+    assert len(results) == 1
+
+
+def test_a_trim_that_leaves_nothing_is_an_error():
+    with pytest.raises(ValueError, match="leaves no update"):
+        trimmed_mean(np.zeros((2, 3), np.float32), 0.5)
 
 
 @pytest.mark.parametrize(

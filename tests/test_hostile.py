@@ -31,9 +31,9 @@ def hospitals(tmp_path_factory):
                     for i, flag in enumerate(("pneumoniamnist", "bloodmnist", "organamnist")))
 
 
-def run(config, tamper=None, num_nodes=3):
+def run(config, tamper=None, num_nodes=3, run_id=5):
     grid = InProcessGrid(client_app, config, num_nodes, tamper)
-    server_app.main(grid, Context(run_id=5, node_id=0, node_config={}, state=RecordDict(), run_config=config))
+    server_app.main(grid, Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=config))
     run_dir = (__import__("pathlib").Path(config["output-dir"]) / "latest").resolve()
     return json.loads((run_dir / "results.json").read_text()), run_dir
 
@@ -141,8 +141,8 @@ def test_latest_moves_only_when_a_run_completes(tiny, tmp_path):
     def silence(reply, _):
         reply.content.array_records["arrays"] = reply.content.array_records["arrays"].__class__()
 
-    with pytest.raises(Exception, match="fewer than min-replies"):
-        run(failing, tamper={ATTACKER: on("train", silence)})
+    with pytest.raises(Exception, match="fewer than min-replies"):  # another run id: run names are per second
+        run(failing, tamper={ATTACKER: on("train", silence)}, run_id=6)
     assert (tmp_path / "outputs" / "latest").resolve() == first_dir
     assert not list((tmp_path / "outputs").glob(".latest-*"))
 

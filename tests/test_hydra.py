@@ -44,6 +44,14 @@ def test_every_experiment_preset_composes_to_checked_keys_and_sweeps_registered_
     assert set(params["strategy"].split(",")) <= set(STRATEGIES) and len(params["seed"].split(",")) >= 1
 
 
+@pytest.mark.parametrize("defence", sorted(path.stem for path in (ROOT / "conf" / "defence").glob("*.yaml")))
+def test_every_defence_preset_composes_to_checked_keys(defence):
+    run_config = compose_run_config(f"defence={defence}")
+    read_keys(run_config, KEYS)
+    if defence == "declared":
+        assert run_config == compose_run_config()
+
+
 def test_every_declared_key_is_a_hydra_key_of_the_same_name():
     run_config = compose_run_config("model=vit-tiny", "data=medmnist", "clients_per_stage=2", "node_metrics=false",
                                     "datasets=[pathmnist,octmnist]")

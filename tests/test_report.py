@@ -276,3 +276,42 @@ def test_an_unfinished_run_is_left_out_of_the_report(tmp_path, capsys):
     assert "job-2/results.json: unfinished (1 of 3 stages), left out" in capsys.readouterr().err
     text = (tmp_path / "out" / "report.md").read_text()
     assert "Accuracy at the final stage (2), by strategy" in text and "runs have" not in text
+
+
+def test_privacy_and_attack_variants_are_groups_with_their_epsilon(tmp_path, capsys):
+    """Runs of one strategy that differ in DP or robustness settings are separate groups, named by those
+    settings; the final epsilon per group is reported, and epsilon is a column of a run's table."""
+    from meduniverse_flwr.results import write_json_atomic
+
+    sweep = tmp_path / "sweep"
+    settings = [({}, None), ({"dp": "example", "dp-noise-multiplier": 2.0}, 0.5),
+                ({"dp": "example", "dp-noise-multiplier": 1.0}, 2.0),
+                ({"attack-nodes": 1, "attack-factor": -1.0, "aggregation": "median"}, None)]
+    for n, (config, epsilon) in enumerate(settings):
+        for seed in range(2):
+            stages = [generic_stage(s, {t: accuracy("stagewise", seed, s, t) for t in TASKS}) for s in range(3)]
+            if epsilon is not None:
+                for s in stages:
+                    s.update({"epsilon": epsilon * s["stage"], "delta": 1e-5, "privacy_events": []})
+            job = sweep / f"{n}-{seed}"
+            job.mkdir(parents=True)
+            write_json_atomic(job / "results.json", {"config": {"strategy": "stagewise", "seed": seed, **config},
+                                                     "stages": stages, "summary": {}})
+    assert main([str(sweep)]) == 0
+    capsys.readouterr()
+    text = (sweep / "report" / "report.md").read_text()
+    table = md_table(text, "Accuracy, gain and privacy by group")
+    assert table["stagewise"][0] == "-"
+    assert table["stagewise [dp=example, dp-noise-multiplier=2]"][0] == "1.000"
+    assert table["stagewise [dp=example]"][0] == "4.000"  # noise 1.0 is the declared default
+    assert "stagewise [aggregation=median, max-update-ratio=0.5, attack-nodes=1, attack-factor=-1]" in table
+    for name in ("final_accuracy.png", "accuracy_vs_epsilon.png"):
+        assert (sweep / "report" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the stagewise baseline is compared with each variant, paired by (task, seed)
+    assert "stagewise vs stagewise [dp=example] (stage 2)" in md_table(text, "Paired tests")
+
+
+def test_a_run_table_shows_epsilon_when_the_run_has_it():
+    stages = [dict(s, epsilon=e, delta=1e-5, privacy_events=[]) for s, e in zip(STAGES, (0.0, 1.25, 2.5))]
+    header = [c.strip() for c in format_table(stages).splitlines()[0].split("|")]
+    assert header[-1] == "epsilon" and [row[-1] for row in rows(format_table(stages))] == ["0.000", "1.250", "2.500"]

@@ -34,7 +34,7 @@ def results(tmp_path):
     for stage in range(3):
         entry = stage_entry(stage, outcome(stage), seconds=1.5 + stage)
         if stage == 2:
-            entry["epsilon"] = 3.25  # what a DP run adds
+            entry.update(epsilon=3.25, delta=1e-5, privacy_events=[])  # what a DP run adds
         outputs.add_stage(entry)
     return outputs.dir, read_results(outputs.results_path)["stages"]
 
