@@ -145,26 +145,6 @@ class PrivacyLedger:
         return max((self.epsilon(party) for party in self._accountants), default=0.0)
 
 
-def check_events(events: object, where: str) -> list[dict]:
-    """``stages[i].privacy_events`` read back from a results.json (untrusted): a bounded list of
-    {party, noise_multiplier, sample_rate, steps}; ValueError naming the field otherwise."""
-    if not isinstance(events, list) or len(events) > 10_000:
-        raise ValueError(f"{where} must be a list of at most 10000 events")
-    for event in events:
-        ok = (isinstance(event, dict) and set(event) == {"party", "noise_multiplier", "sample_rate", "steps"}
-              and isinstance(event["party"], str) and len(event["party"]) <= 200
-              and _number(event["noise_multiplier"]) and event["noise_multiplier"] > 0
-              and _number(event["sample_rate"]) and 0 < event["sample_rate"] <= 1
-              and type(event["steps"]) is int and 0 < event["steps"] <= 10**9)
-        if not ok:
-            raise ValueError(f"{where}: {str(event)[:60]!r} is not a privacy event")
-    return events
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """The smallest noise multiplier whose composition over ``steps`` events at ``sample_rate``
     stays within (epsilon, delta), by Opacus's RDP accountant."""

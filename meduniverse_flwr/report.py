@@ -181,11 +181,12 @@ class Run:
     seed: int
     config: dict[str, Any]
     stages: list[dict[str, Any]]
+    variant: str = ""  # ``variant(config)``
 
     @property
     def group(self) -> stats.GroupKey:
         """(strategy and its variant settings, held-out tasks)."""
-        return self.strategy + variant(self.config), self.held_out
+        return self.strategy + self.variant, self.held_out
 
 
 def _config_value(results_path: Path, config: dict[str, Any], key: str, default: Any,
@@ -209,7 +210,7 @@ def read_run(results_path: Path) -> Run:
                              lambda v: isinstance(v, str) or isinstance(v, list) and all(isinstance(t, str) for t in v),
                              "must be a comma-separated string or a list of task names")
     names = split_list(held_out) if isinstance(held_out, str) else tuple(t.strip() for t in held_out if t.strip())
-    return Run(results_path, strategy, tuple(sorted(names)), seed, config, payload["stages"])
+    return Run(results_path, strategy, tuple(sorted(names)), seed, config, payload["stages"], variant(config))
 
 
 def strategy_label(strategy: str) -> str:

@@ -19,7 +19,6 @@ import torch
 from .metrics import paired_p_value
 from .model import save_backbone
 from .outcome import StageOutcome
-from .privacy import check_events
 from .validation import safe_label
 
 
@@ -227,6 +226,25 @@ def _is_number(value: Any, low: float = -math.inf, high: float = math.inf, none:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
 
 
+MAX_PRIVACY_EVENTS = 10_000
+
+
+def _check_events(events: Any, where: str) -> None:
+    """``stages[i].privacy_events``: a bounded list of {party, noise_multiplier, sample_rate, steps}, as
+    ``PrivacyLedger.spend`` takes them when a resumed run replays them."""
+    if not isinstance(events, list) or len(events) > MAX_PRIVACY_EVENTS:
+        raise ValueError(f"{where} must be a list of at most {MAX_PRIVACY_EVENTS} events")
+    for event in events:
+        ok = (isinstance(event, dict) and set(event) == {"party", "noise_multiplier", "sample_rate", "steps"}
+              and isinstance(event["party"], str) and len(event["party"]) <= 200
+              and _is_number(event["noise_multiplier"], 0, math.inf) and event["noise_multiplier"] > 0
+              and math.isfinite(event["noise_multiplier"])
+              and _is_number(event["sample_rate"], 0, 1) and event["sample_rate"] > 0
+              and type(event["steps"]) is int and 0 < event["steps"] <= 10**9)
+        if not ok:
+            raise ValueError(f"{where}: {str(event)[:60]!r} is not a privacy event")
+
+
 def _check_results(payload: Any) -> None:
     _expect(isinstance(payload, dict), "top level", type(payload).__name__, "must be an object")
     _expect(isinstance(payload.get("config"), dict), "config", payload.get("config"), "must be an object")
@@ -253,7 +271,7 @@ def _check_results(payload: Any) -> None:
         if "epsilon" in stage:
             _expect(_is_number(stage["epsilon"], 0), f"{where}.epsilon", stage["epsilon"], "must be a number >= 0")
             _expect(_is_number(stage.get("delta"), 0, 1), f"{where}.delta", stage.get("delta"), "must be in [0, 1]")
-            check_events(stage.get("privacy_events"), f"{where}.privacy_events")
+            _check_events(stage.get("privacy_events"), f"{where}.privacy_events")
         per_task = stage.get("per_task")
         _expect(isinstance(per_task, dict), f"{where}.per_task", per_task, "must be an object")
         for task, scores in per_task.items():
