@@ -393,9 +393,10 @@ def privacy_table(groups: dict[stats.GroupKey, Group], final: int) -> str:
         epsilons = [e for e in final_epsilons(group, final) if e is not None]
         gains = stats.gain_spreads(group.mean_curves)
         rows.append([group_label(key), f"{max(epsilons):.3f}" if epsilons else "-",
-                     _spread_cell(stats.mean_std(c[final] for c in group.mean_curves), len(group.runs)),
-                     _spread_cell(gains[final], len(group.runs))])
-    return md_table(["group", "epsilon (final)", f"mean accuracy, stage {final}", "gain over stage 0"], rows)
+                     _spread_cell(stats.mean_std(c[final] for c in group.mean_curves), len(group.runs))]
+                    + [_spread_cell(gains[stage], len(group.runs)) for stage in range(1, final + 1)])
+    return md_table(["group", "epsilon (final)", f"mean accuracy, stage {final}"]
+                    + [f"gain over stage 0, stage {stage}" for stage in range(1, final + 1)], rows)
 
 
 def report_markdown(runs: list[Run], groups: dict[stats.GroupKey, Group], num_stages: int,
