@@ -4,7 +4,8 @@ No Flower and no torch here. The server folds each valid reply into a
 ``RunningAggregate`` as it arrives (memory stays flat in the number of
 replies), then mixes the result with the previous base. The fold does not depend on
 the order in which replies arrive, so a run gives the same base however its nodes race. The robust
-rules (coordinate-wise ``median``, ``trimmed-mean``) need every reply of a stage at once: a
+rules (coordinate-wise ``median``, ``trimmed-mean``) and the model-merging rule ``ties`` (for
+backbones fine-tuned on different tasks) need every reply of a stage at once: a
 ``BufferedAggregate`` keeps them (K backbones in server memory, measured in benchmarks/README.md).
 ``check_update`` and the norm helpers are the numeric half of ``validation.check_train_reply``.
 """
@@ -241,26 +242,71 @@ class Aggregate(Protocol):
     def result(self) -> dict[str, np.ndarray]: ...
 
 
-# Aggregation rule (``aggregation``) -> a new stage aggregate given ``trim-fraction``; config validation
-# reads the keys. ``mean`` / ``weighted`` stream; ``median`` / ``trimmed-mean`` buffer the K replies
-# and ignore example counts (a site cannot buy weight by claiming more examples).
-RULES: dict[str, Callable[[float], Aggregate]] = {
-    "mean": lambda trim_fraction: RunningAggregate("mean"),
-    "weighted": lambda trim_fraction: RunningAggregate("weighted"),
-    "median": lambda trim_fraction: BufferedAggregate(coordinate_median),
-    "trimmed-mean": lambda trim_fraction: BufferedAggregate(lambda stacked: trimmed_mean(stacked, trim_fraction)),
+def ties_merge(deltas: np.ndarray, density: float) -> np.ndarray:
+    """TIES-merging (Yadav et al., NeurIPS 2023) of K task vectors stacked on the first axis (one tensor).
+
+    Trim: each task vector keeps its ``ceil(density * size)`` largest-magnitude coordinates (ties at the
+    threshold kept), the rest become 0. Elect: each coordinate's sign is that of the trimmed vectors' sum.
+    Disjoint merge: the mean of the kept values that agree with the elected sign (0 where none do).
+    Sums are taken over each coordinate's sorted values, so the result does not depend on the order
+    of the K vectors.
+    """
+    flat = deltas.reshape(len(deltas), -1).astype(np.float64)
+    keep = max(1, math.ceil(density * flat.shape[1]))
+    magnitude = np.abs(flat)
+    threshold = np.partition(magnitude, flat.shape[1] - keep, axis=1)[:, flat.shape[1] - keep][:, None]
+    trimmed = np.sort(np.where(magnitude >= threshold, flat, 0.0), axis=0)
+    sign = np.sign(trimmed.sum(axis=0))
+    agree = (np.sign(trimmed) == sign) & (trimmed != 0.0)
+    count = agree.sum(axis=0)
+    merged = np.where(agree, trimmed, 0.0).sum(axis=0) / np.maximum(count, 1)
+    return merged.reshape(deltas.shape[1:]).astype(deltas.dtype)
+
+
+class TiesAggregate(BufferedAggregate):
+    """Buffers the K backbones; ``result()`` is the base plus the TIES merge of their task vectors
+    (backbone - base), so that ``mix(base, result, server_mix)`` scales the merged vector by server-mix."""
+
+    def __init__(self, base: Arrays, density: float) -> None:
+        super().__init__(lambda stacked: stacked)
+        self.base, self.density = base, density
+
+    def result(self) -> dict[str, np.ndarray]:
+        if self.count == 0:
+            raise ValueError("no update was aggregated")
+        return {name: (ref + ties_merge(np.stack([update[name] - ref for update in self._updates]),
+                                        self.density)).astype(ref.dtype)
+                for name, ref in self.base.items()}
+
+
+# Aggregation rule (``aggregation``) -> a new stage aggregate given the stage's base, ``trim-fraction``
+# and ``merge-density``; config validation reads the keys. ``mean`` / ``weighted`` stream;
+# ``median`` / ``trimmed-mean`` / ``ties`` buffer the K replies and ignore example counts (a site
+# cannot buy weight by claiming more examples).
+RULES: dict[str, Callable[[Arrays, float, float], Aggregate]] = {
+    "mean": lambda base, trim_fraction, density: RunningAggregate("mean"),
+    "weighted": lambda base, trim_fraction, density: RunningAggregate("weighted"),
+    "median": lambda base, trim_fraction, density: BufferedAggregate(coordinate_median),
+    "trimmed-mean": lambda base, trim_fraction, density: BufferedAggregate(
+        lambda stacked: trimmed_mean(stacked, trim_fraction)),
+    "ties": lambda base, trim_fraction, density: TiesAggregate(base, density),
 }
 
 
-def new_aggregate(rule: str, trim_fraction: float = 0.0) -> Aggregate:
+def new_aggregate(rule: str, trim_fraction: float = 0.0, merge_density: float = 1.0,
+                  base: Arrays | None = None) -> Aggregate:
+    """A stage's aggregate; ``base`` (the stage's starting backbone) is needed by ``ties`` only."""
     if rule not in RULES:
         raise ValueError(f"aggregation '{rule}': unknown, choose one of {tuple(RULES)}")
-    return RULES[rule](trim_fraction)
+    if rule == "ties" and base is None:
+        raise ValueError("aggregation 'ties' merges task vectors: it needs the stage's base")
+    return RULES[rule](base, trim_fraction, merge_density)
 
 
-def aggregate(updates: Iterable[tuple[Arrays, float]], rule: str, trim_fraction: float = 0.0) -> dict[str, np.ndarray]:
+def aggregate(updates: Iterable[tuple[Arrays, float]], rule: str, trim_fraction: float = 0.0,
+              merge_density: float = 1.0, base: Arrays | None = None) -> dict[str, np.ndarray]:
     """Batch form: the aggregate of ``(arrays, num_examples)`` pairs, in the given order."""
-    running = new_aggregate(rule, trim_fraction)
+    running = new_aggregate(rule, trim_fraction, merge_density, base)
     for arrays, num_examples in updates:
         running.add(arrays, num_examples)
     return running.result()

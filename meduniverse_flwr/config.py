@@ -47,6 +47,7 @@ class RunConfig:
     """One field per declared key (``-`` becomes ``_``); the defaults live in pyproject.toml only."""
 
     strategy: str
+    schedule: str
     num_stages: int
     clients_per_stage: int
     local_epochs: int
@@ -56,6 +57,7 @@ class RunConfig:
     data_root: str
     datasets: tuple[str, ...]
     held_out: tuple[str, ...]
+    archive_share: float
     partition: str
     dirichlet_alpha: float
     download: bool
@@ -63,10 +65,13 @@ class RunConfig:
     aggregation: str
     trim_fraction: float
     server_mix: float
+    merge_density: float
     pretrain: str
     pretrain_epochs: int
+    pretrain_corpus: tuple[str, ...]
     eval_mode: str
     eval_epochs: int
+    eval_labels: int
     probe_epochs: int
     eval_split: str
     batch_size: int
@@ -145,6 +150,14 @@ class RunConfig:
             check(not self.compile, "compile", "not with dp = 'example' (Opacus' per-example hooks)")
             check(self.strategy != "centralized", "strategy", "centralized trains on the server; dp = 'example' "
                   "protects what sites send")
+        if self.schedule == "arrival":
+            check(self.strategy == "stagewise", "strategy", "schedule = 'arrival' sends each new task the "
+                  "stage-wise base: use stagewise")
+            check(self.num_stages * self.clients_per_stage <= len(self.training_datasets), "num-stages",
+                  f"x clients-per-stage = {self.num_stages * self.clients_per_stage} arrivals, more than the "
+                  f"{len(self.training_datasets)} training datasets (schedule = 'arrival' trains each task once)")
+        check(("archive" in self.pretrain_corpus) == (self.archive_share > 0), "archive-share",
+              "the 'archive' corpus entry and archive-share > 0 go together")
         unknown = [name for name in self.held_out if name not in self.dataset_names]
         check(not unknown, "held-out", f"{unknown} not among the dataset names {self.dataset_names}")
         check(len(self.held_out) < len(self.datasets), "held-out", "leaves no dataset to train on")
@@ -166,7 +179,7 @@ KEYS: dict[str, str] = {f.name.replace("_", "-"): str(f.type) for f in dataclass
 
 # The keys a node reads from the run config: where its data are and how nodes share them.
 NODE_DATA_KEYS = ("data", "data-root", "datasets", "partition", "dirichlet-alpha", "download", "skip-unreadable",
-                  "seed")
+                  "seed", "archive-share")
 # The keys that make a simulated node hostile (experiments on robust aggregation; attacks.py).
 NODE_ATTACK_KEYS = ("attack-nodes", "attack-factor")
 
@@ -194,7 +207,8 @@ def _one_of(module: str, registry: str) -> Check:
 # Each key's own check. Keys without one only need the right type.
 CHECKS: dict[str, Check] = {
     "strategy": _one_of("strategy", "STRATEGIES"),
-    "num-stages": _at_least(1),
+    "schedule": _one_of("schedule", "SCHEDULES"),
+    "num-stages": _at_least(0),
     "clients-per-stage": _at_least(1),
     "local-epochs": _at_least(1),
     "model": _one_of("model", "MODELS"),
@@ -206,9 +220,12 @@ CHECKS: dict[str, Check] = {
     "aggregation": _one_of("aggregation", "RULES"),
     "trim-fraction": _rule(lambda value: 0.0 <= value < 0.5, "must be in [0, 0.5)"),
     "server-mix": _rule(lambda value: 0.0 < value <= 1.0, "must be in (0, 1]"),
+    "merge-density": _rule(lambda value: 0.0 < value <= 1.0, "must be in (0, 1] (the share of each task vector kept)"),
+    "archive-share": _rule(lambda value: 0.0 <= value <= 0.9, "must be in [0, 0.9]"),
     "pretrain-epochs": _at_least(0),
     "eval-mode": _one_of("task", "EVAL_PROTOCOLS"),
     "eval-epochs": _at_least(1),
+    "eval-labels": _at_least(0),
     "probe-epochs": _at_least(1),
     "eval-split": _one_of("task", "EVAL_SPLITS"),
     "batch-size": _at_least(1),

@@ -147,6 +147,7 @@ class Instructions:
     eval_mode: str
     layer_decay: float
     eval_split: str
+    eval_labels: int
     node_metrics: bool
     compile: bool
     strategy: str  # what the node keeps between messages (``strategy.STRATEGIES[...].node_keeps``)
@@ -171,4 +172,5 @@ class Instructions:
         dp_sgd = (DPSGD(self.dp_clip_norm, self.dp_noise_multiplier, self.dp_secure_noise)
                   if self.dp == "example" else None)
         return TrainSettings(self.epochs, self.lr, self.weight_decay, self.batch_size, self.seed,
-                             resolve_device(self.device), self.compile, self.layer_decay, self.eval_split, dp_sgd)
+                             resolve_device(self.device), self.compile, self.layer_decay, self.eval_split, dp_sgd,
+                             self.eval_labels)

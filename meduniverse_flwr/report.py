@@ -14,7 +14,8 @@ one line on stderr and exit status 2, after the good ones are printed and report
 With two or more distinct runs, ``report.md``, ``fig3_gain.png`` and ``gain_heatmap.png`` are
 written to ``--out``, by default ``report/`` in the runs' common parent directory (``./report``
 when that is the filesystem root). Runs are grouped by (``strategy``, ``held-out``), one run per
-seed; the numbers are in ``stats``.
+seed; the numbers are in ``stats``. When every run read is an arrival run (``schedule = "arrival"``),
+``arrival_report`` writes the report instead.
 """
 
 from __future__ import annotations
@@ -610,6 +611,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(run_text(results_path, run_dir, run.stages), end="\n\n")
             runs.append(run)
+    if runs and all(run.config.get("schedule") == "arrival" for run in runs):
+        from . import arrival_report  # imported here: it builds on this module
+
+        # arrival runs are compared across arms by seed and label budget: a report of their own
+        return max(status, arrival_report.report_paths([run.results_path for run in runs], args.out))
     runs, notes = distinct_runs(runs)
     for note in notes:
         print(f"report: {note}", file=sys.stderr)

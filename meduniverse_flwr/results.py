@@ -96,6 +96,7 @@ class RunOutputs:
         self.dir = Path(run_dir)
         self.config = config
         self.stages = stages
+        self.tasks: dict[str, dict[str, Any]] = {}  # each task's card facts (modality, classes, ...), for reports
 
     @classmethod
     def create(cls, output_dir: Path, run_name: str, config: dict[str, Any]) -> "RunOutputs":
@@ -132,8 +133,8 @@ class RunOutputs:
 
     def add_stage(self, entry: dict[str, Any]) -> None:
         self.stages.append(entry)
-        write_json_atomic(self.results_path,
-                          {"config": self.config, "stages": self.stages, "summary": summarize(self.stages)})
+        write_json_atomic(self.results_path, {"config": self.config, "tasks": self.tasks, "stages": self.stages,
+                                              "summary": summarize(self.stages)})
 
     def save_checkpoint(self, stage: int, backbone: dict[str, torch.Tensor]) -> Path:
         metadata = {"model": str(self.config["model"]), "image-size": str(self.config["image-size"]),
@@ -245,9 +246,24 @@ def _check_events(events: Any, where: str) -> None:
             raise ValueError(f"{where}: {str(event)[:60]!r} is not a privacy event")
 
 
+def _check_tasks(tasks: Any) -> None:
+    """``tasks``: {name: {modality, n_classes, label_kind, classes}} (optional; older files lack it)."""
+    _expect(isinstance(tasks, dict), "tasks", tasks, "must be an object")
+    for name, facts in tasks.items():
+        at = f"tasks[{name[:40]!r}]"
+        _expect(isinstance(facts, dict), at, facts, "must be an object")
+        _expect(isinstance(facts.get("modality"), str), f"{at}.modality", facts.get("modality"), "must be a string")
+        _expect(type(facts.get("n_classes")) is int and facts["n_classes"] >= 1, f"{at}.n_classes",
+                facts.get("n_classes"), "must be an integer >= 1")
+        classes = facts.get("classes")
+        _expect(isinstance(classes, list) and all(isinstance(c, str) for c in classes), f"{at}.classes", classes,
+                "must be a list of strings")
+
+
 def _check_results(payload: Any) -> None:
     _expect(isinstance(payload, dict), "top level", type(payload).__name__, "must be an object")
     _expect(isinstance(payload.get("config"), dict), "config", payload.get("config"), "must be an object")
+    _check_tasks(payload.get("tasks", {}))
     stages = payload.get("stages")
     _expect(isinstance(stages, list), "stages", stages, "must be a list")
     for index, stage in enumerate(stages):

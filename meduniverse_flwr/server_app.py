@@ -37,7 +37,8 @@ def initial_base(config: RunConfig) -> dict[str, torch.Tensor]:
         return create_backbone(config.model, config.image_size).state_dict()
     if config.pretrain in METHODS:
         # held-out domains stay unseen, test splits are never used
-        corpus = load_corpus(config.training_datasets, options_from(vars(config), config.image_size))
+        corpus = load_corpus(config.pretrain_corpus or config.training_datasets,
+                             options_from(vars(config), config.image_size), archived=config.training_datasets)
         settings = PretrainSettings(method=config.pretrain, epochs=config.pretrain_epochs, seed=config.seed)
         log(INFO, "pretraining the base: %s, %d epochs on %d unlabeled images", config.pretrain,
             config.pretrain_epochs, len(corpus))
@@ -58,7 +59,8 @@ def base_from_checkpoint(config: RunConfig, path: Path) -> dict[str, torch.Tenso
 
 def pretrain_cache_dir(config: RunConfig, settings: PretrainSettings, n_images: int) -> Path:
     """Pretraining is deterministic in its settings: runs with the same ones share (and resume) it."""
-    key = f"{config.model}-{config.image_size}-{config.training_datasets}-{n_images}-{settings}"
+    key = (f"{config.model}-{config.image_size}-{config.training_datasets}-{config.pretrain_corpus}-"
+           f"{config.archive_share}-{n_images}-{settings}")
     return cache_root(config.data_root) / "pretrain" / f"{settings.method}-{config.model}-{zlib.crc32(key.encode()):08x}"
 
 
@@ -101,6 +103,11 @@ def run_stages(grid: Grid, config: RunConfig, outputs: RunOutputs, base: dict[st
     for node, card in sorted(strategy.cards.items(), key=lambda item: item[1].name):
         log(INFO, "node %d: %s (%s, %d classes, %s, %d train)", node, card.name, card.modality,
             card.n_classes, card.label_kind, card.n_train)
+    outputs.tasks = {card.name: {"modality": card.modality, "n_classes": card.n_classes,
+                                 "label_kind": card.label_kind, "classes": list(card.classes)}
+                     for card in strategy.cards.values()}
+    if config.schedule == "arrival":
+        log(INFO, "arrival order (%d per stage): %s", config.clients_per_stage, ", ".join(strategy.arrival_order()))
 
     arrays = ArrayRecord(base)
 

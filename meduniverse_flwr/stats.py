@@ -1,4 +1,5 @@
-"""Statistics of several runs (seeds x strategies): spread over seeds, paired tests, Holm correction.
+"""Statistics of several runs (seeds x strategies): spread over seeds, paired tests, Holm correction,
+cluster-bootstrap intervals over tasks and the power of a paired design.
 
 Pure functions on numbers (numpy + scipy, nothing of Flower or torch); ``report`` reads the runs
 and renders what these compute.
@@ -123,3 +124,84 @@ def task_gains(after: Scores, before: Scores) -> dict[str, Spread]:
     """Per task, mean and std over seeds of ``after - before`` on the seeds scored in both."""
     return by_task({k: v - before[k] for k, v in after.items()  # type: ignore[operator]
                     if v is not None and before.get(k) is not None})
+
+
+# ------------------------------------------------------------------ gains against zero, clusters, power
+def gain_test(gains: Sequence[float]) -> PairedTest:
+    """``paired_test`` of gains (differences already taken) against zero: Wilcoxon signed-rank on
+    the gains, and the paired t-test, which on differences is the one-sample t-test against 0."""
+    return paired_test(gains, [0.0] * len(gains))
+
+
+def bootstrap_ci(values: Sequence[float], clusters: Sequence[object], *, level: float = 0.95,
+                 n_resamples: int = 10_000, seed: int = 0) -> tuple[float | None, float | None]:
+    """Percentile confidence interval of the mean of ``values`` by a cluster bootstrap: each resample
+    draws as many clusters as there are, with replacement, and takes every value of each drawn
+    cluster (the values of one task over seeds are not independent; the tasks are the sample).
+
+    Clusters are taken in sorted order and drawn with ``numpy.random.default_rng(seed)``, so the
+    interval is deterministic; with one value per cluster it is exactly ``scipy.stats.bootstrap``'s
+    percentile interval on the same generator. (None, None) without values."""
+    if len(values) != len(clusters):
+        raise ValueError(f"bootstrap: {len(values)} values, {len(clusters)} clusters")
+    if not 0 < level < 1:
+        raise ValueError(f"bootstrap: level must be in (0, 1), got {level}")
+    if not values:
+        return None, None
+    names, index = np.unique(np.asarray(clusters), return_inverse=True)
+    sums = np.bincount(index, weights=np.asarray(values, dtype=float), minlength=names.size)
+    counts = np.bincount(index, minlength=names.size)
+    drawn = np.random.default_rng(seed).integers(0, names.size, (n_resamples, names.size))
+    means = sums[drawn].sum(axis=1) / counts[drawn].sum(axis=1)  # the mean of all values drawn
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+@dataclass(frozen=True)
+class TaskLevelTest:
+    """Per cluster (task, sorted), the mean of its values (over seeds); Wilcoxon p of those means
+    against zero (``gain_test``'s, so None for fewer than 2 tasks and 1.0 when all are zero)."""
+    means: dict[object, float]
+    n: int
+    wilcoxon_p: float | None
+
+
+def task_level_test(values: Sequence[float], clusters: Sequence[object]) -> TaskLevelTest:
+    """The random-effects view without a mixed model: average each task's seeds, then test the task
+    means, so that a task seen with many seeds counts once."""
+    if len(values) != len(clusters):
+        raise ValueError(f"task-level test: {len(values)} values, {len(clusters)} clusters")
+    grouped: dict[object, list[float]] = {}
+    for value, cluster in zip(values, clusters):
+        grouped.setdefault(cluster, []).append(value)
+    means = {cluster: float(np.mean(grouped[cluster])) for cluster in sorted(grouped)}
+    return TaskLevelTest(means, len(means), gain_test(list(means.values())).wilcoxon_p)
+
+
+def detectable_effect(sd: float, n: int, *, alpha: float = 0.05, power: float = 0.8) -> float | None:
+    """The smallest mean paired difference that a two-sided paired t-test at ``alpha`` detects with
+    probability ``power`` on ``n`` pairs of standard deviation ``sd``:
+    (t_{1-alpha/2, n-1} + t_{power, n-1}) * sd / sqrt(n) (the usual approximation of the noncentral t).
+    None for fewer than 2 pairs (no degrees of freedom)."""
+    if n < 2:
+        return None
+    t = scipy_stats.t
+    return float((t.ppf(1 - alpha / 2, n - 1) + t.ppf(power, n - 1)) * sd / np.sqrt(n))
+
+
+def pairs_needed(sd: float, effect: float, *, alpha: float = 0.05, power: float = 0.8) -> int:
+    """The smallest n >= 2 whose ``detectable_effect`` is at most ``effect`` (> 0)."""
+    if not effect > 0:
+        raise ValueError(f"pairs needed: the effect must be > 0, got {effect}")
+
+    def enough(n: int) -> bool:
+        return detectable_effect(sd, n, alpha=alpha, power=power) <= effect  # type: ignore[operator]
+
+    high = 2
+    while not enough(high):  # the detectable effect falls with n: double, then bisect
+        high *= 2
+    low = high // 2  # not enough (or below 2)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if enough(middle) else (middle, high)
+    return high

@@ -43,6 +43,7 @@ from .messages import Instructions, pack, record, to_numpy, to_record, unpack
 from .model import new_head_state
 from .outcome import NodeReport, StageOutcome
 from .pooled import train_pooled
+from .schedule import arrival_order, arrivals, trained_by
 from .privacy import PrivacyLedger, example_steps, noise_seed, noisy_sum_mean
 from .seeds import derive_seed
 from .task import EVAL_PROTOCOLS
@@ -68,8 +69,10 @@ class StageWise(Strategy):
 
     def __init__(self, config: RunConfig) -> None:
         self.clients_per_stage = config.clients_per_stage
+        self.schedule = config.schedule
         self.aggregation = config.aggregation
         self.trim_fraction = config.trim_fraction
+        self.merge_density = config.merge_density
         self.dp = config.dp
         self.dp_clip_norm = config.dp_clip_norm
         self.dp_noise_multiplier = config.dp_noise_multiplier
@@ -153,9 +156,19 @@ class StageWise(Strategy):
         self._outbox = [self.train_message(node, server_round, base, config) for node in sampled]
         return self._outbox
 
+    def arrival_order(self) -> list[str]:
+        """The trainable tasks in the order they arrive (``schedule = arrival``)."""
+        return arrival_order({self.cards[node].name for node in self.trainable_nodes()}, self.clients_per_stage,
+                             self.seed)
+
     def sample_train_nodes(self, server_round: int) -> list[int]:
-        """The stage's ``ceil(oversample * K)`` trainable nodes (a seeded sample, in node order)."""
-        candidates = self.trainable_nodes()
+        """The stage's ``ceil(oversample * K)`` trainable nodes (a seeded sample, in node order); with the
+        arrival schedule, the nodes of the stage's K arriving tasks."""
+        if self.schedule == "arrival":
+            arriving = set(arrivals(self.arrival_order(), self.clients_per_stage, server_round))
+            candidates = [node for node in self.trainable_nodes() if self.cards[node].name in arriving]
+        else:
+            candidates = self.trainable_nodes()
         if self.clients_per_stage > len(candidates):
             log(WARNING, "clients-per-stage=%d but only %d trainable nodes: the stage ends after %d replies",
                 self.clients_per_stage, len(candidates), len(candidates))
@@ -251,7 +264,7 @@ class StageWise(Strategy):
             self.privacy.spend(event["party"], event["noise_multiplier"], event["sample_rate"], event["steps"])
 
     def _new_aggregate(self) -> Aggregate:
-        return new_aggregate(self.aggregation, self.trim_fraction)
+        return new_aggregate(self.aggregation, self.trim_fraction, self.merge_density, self._base)
 
     def finish_stage(self, server_round: int) -> tuple[ArrayRecord, MetricRecord]:
         """The next base from the replies folded so far; StageFailed below ``min_replies``."""
@@ -310,12 +323,13 @@ class StageWise(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """The base to every node with a card, held-out tasks included."""
+        """The base to every node with a card, held-out tasks included; with the arrival schedule, only
+        to the tasks that have not trained yet (and the held-out ones)."""
         if not self.cards:
             self.query_cards(grid)
         messages = []
         sent = pack(to_numpy(arrays), self.transport_dtype)
-        for node in sorted(self.cards):
+        for node in self.evaluation_nodes(server_round):
             card = self.cards[node]
             instructions = dataclasses.replace(self.evaluate_instructions,
                                                seed=derive_seed(self.seed, "evaluate", card.name))
@@ -326,30 +340,39 @@ class StageWise(Strategy):
         self._outbox = messages
         return messages
 
+    def evaluation_nodes(self, server_round: int) -> list[int]:
+        """The nodes that score the base after ``server_round``."""
+        trained = (trained_by(self.arrival_order(), self.clients_per_stage, server_round)
+                   if self.schedule == "arrival" else set())
+        return [node for node in sorted(self.cards) if self.cards[node].name not in trained]
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Per-task scores (example-weighted over nodes sharing a task) into ``self.outcome.per_task``.
 
         Every task with a card gets an entry; one without a valid reply is marked missing, with
         the reasons, so that no mean is quietly computed over fewer tasks.
         """
-        scores: dict[str, list[EvalScore]] = {card.name: [] for card in self.cards.values()}
+        asked = self.evaluation_nodes(server_round)
+        scores: dict[str, list[EvalScore]] = {self.cards[node].name: [] for node in asked}
         problems: dict[str, list[str]] = {name: [] for name in scores}
         replied = set()
         for reply in replies:
             node = self._sender(reply)
             replied.add(node)
             try:
+                if node not in asked:
+                    raise Rejected("not asked to evaluate")
                 score = _check_evaluate_reply(reply, self.cards.get(node), self.evaluate_instructions.eval_split)
             except Rejected as reason:
                 log(WARNING, "stage %d evaluation: reply from node %s rejected: %s", server_round, self._name(node),
                     reason)
-                if node in self.cards:
+                if node in asked:
                     problems[self.cards[node].name].append(f"node {node}: {reason}")
                 continue
             scores[self.cards[node].name].append(score)
             log(INFO, "stage %d evaluation: node %s scores accuracy %.4f, AUC %s", server_round, self._name(node),
                 score.accuracy, _shown(score.auc))
-        silent = set(self.cards) - replied
+        silent = set(asked) - replied
         if silent:  # a dead or hung node: the stage goes on without its score
             log(WARNING, "stage %d evaluation: no reply before the timeout from nodes %s", server_round,
                 self._describe(silent))
@@ -361,7 +384,11 @@ class StageWise(Strategy):
         return MetricRecord({f"{name}/accuracy": value for name, value in present.items()}) if present else None
 
     def run_evaluation(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> None:
-        """Score ``arrays`` on every node with a card; per-task results into the stage's outcome."""
+        """Score ``arrays`` on every node with a card (``evaluation_nodes``); per-task results into the
+        stage's outcome (none once every task has trained, with the arrival schedule)."""
+        if not self.evaluation_nodes(server_round):
+            log(INFO, "stage %d: every task has trained; nothing left to score", server_round)
+            return
         replies = grid.send_and_receive(self.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
                                         timeout=self.timeout)
         self.aggregate_evaluate(server_round, replies)

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import metrics
-from .data import NodeTask, TaskData
+from .data import NodeTask, TaskData, stratify_by
+from .data.partition import stratified_subset
 from .model import create_model, embed_dim, merge_state, new_head_state, split_state
 from .privacy import DPSGD, make_private, noise_only_step, poisson_batches
 
@@ -38,6 +39,7 @@ class TrainSettings:
     layer_decay: float = 1.0  # layer-wise lr decay (MAE / BEiT); 1.0 = one lr for every layer
     eval_split: str = "test"  # the split the evaluation protocols score on: "test" or "val" (for choosing settings)
     dp_sgd: DPSGD | None = None  # example-level DP of the fine-tuning whose backbone leaves the site (privacy.py)
+    eval_labels: int = 0  # labelled train examples the evaluation protocols may use (stratified, seeded); 0 = all
 
 
 EVAL_SPLITS = ("test", "val")
@@ -303,15 +305,25 @@ EVAL_PROTOCOLS = {"linear-probe": EvalProtocol(_linear_probe, "probe-epochs"),
                   "finetune": EvalProtocol(_finetune, "eval-epochs")}
 
 
+def scoring_labels(train: TaskData, count: int, seed: int) -> TaskData:
+    """The ``count`` labelled examples (stratified by class, seeded) an evaluation may train on; all if 0.
+    The seed is the task's evaluation seed, so every base of a run is scored with the same labels."""
+    index = torch.from_numpy(stratified_subset(stratify_by(train.labels.numpy().reshape(len(train), -1)), count, seed))
+    return train if len(index) == len(train) else TaskData(train.images[index], train.labels[index])
+
+
 def evaluate_base(
     model_name: str, image_size: int, task: NodeTask, backbone: dict[str, torch.Tensor], eval_mode: str,
     settings: TrainSettings,
 ) -> dict[str, float]:
     """How good ``backbone`` is for this task: a fresh head trained on the train split, scored on the
-    ``settings.eval_split`` split (test by default; with val the test split is never read).
+    ``settings.eval_split`` split (test by default; with val the test split is never read), with
+    ``settings.eval_labels`` of the train split's labels (0: all).
     ``n-test`` is the number of examples scored. Evaluation never uses DP-SGD: nothing trained here
     leaves the site, only the scores."""
     settings = dataclasses.replace(settings, dp_sgd=None)
     torch.manual_seed(settings.seed)
-    scores = EVAL_PROTOCOLS[eval_mode].run(model_name, image_size, task, backbone, settings)
+    labelled = scoring_labels(task.train, settings.eval_labels, settings.seed)
+    scores = EVAL_PROTOCOLS[eval_mode].run(model_name, image_size, dataclasses.replace(task, train=labelled), backbone,
+                                           settings)
     return {**scores, "n-test": len(eval_data(task, settings.eval_split))}

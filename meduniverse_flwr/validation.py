@@ -50,6 +50,9 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._+\- ]*[A-Za-z0-9._+\-])?")
 # Modality is free text shown in log lines: printable (no control characters), this long at most.
 MAX_MODALITY_LENGTH = 64
 CARD_FIELDS = ("name", "modality", "n-classes", "label-kind", "n-train", "n-test", "n-val")
+# Fields a card may leave out: "classes", the class names in label order (n-classes of them, each
+# bounded as the modality is: they reach log lines and plots too).
+OPTIONAL_CARD_FIELDS = ("classes",)
 # What check_train_reply does with an update larger than max_update_ratio x the base.
 ON_EXCESS = ("reject", "clip")
 # A quoted value in a reason: enough to recognise it, never a flood.
@@ -121,20 +124,21 @@ def safe_label(text: str) -> str:
 
 
 def parse_card(record: Mapping[str, object]) -> TaskCard:
-    """A node's task card from its record (keys ``CARD_FIELDS``); Rejected names the first problem."""
+    """A node's task card from its record (keys ``CARD_FIELDS``, optionally ``OPTIONAL_CARD_FIELDS``);
+    Rejected names the first problem."""
     if not isinstance(record, Mapping):
         raise Rejected(f"task card is a {type(record).__name__}, expected a record")
     missing = [field for field in CARD_FIELDS if field not in record]
     if missing:
         raise Rejected(f"task card lacks {', '.join(missing)}")
-    unknown = sorted(quote(key) for key in record if key not in CARD_FIELDS)
+    unknown = sorted(quote(key) for key in record if key not in CARD_FIELDS + OPTIONAL_CARD_FIELDS)
     if unknown:
         raise Rejected(f"task card has unknown fields {', '.join(unknown[:3])}{', ...' if len(unknown) > 3 else ''}")
     name = record["name"]
     if not (isinstance(name, str) and len(name) <= MAX_NAME_LENGTH and NAME_PATTERN.fullmatch(name)):
         raise Rejected(f"name {quote(name)} is not 1..{MAX_NAME_LENGTH} of A-Z a-z 0-9 . _ + - and inner spaces")
     modality = record["modality"]
-    if not (isinstance(modality, str) and 0 < len(modality) <= MAX_MODALITY_LENGTH and modality.isprintable()):
+    if not _is_modality_text(modality):
         raise Rejected(f"modality {quote(modality)} is not 1..{MAX_MODALITY_LENGTH} printable characters")
     label_kind = record["label-kind"]
     if not (isinstance(label_kind, str) and label_kind in LABEL_KINDS):
@@ -144,7 +148,8 @@ def parse_card(record: Mapping[str, object]) -> TaskCard:
     n_train = _card_count(record, "n-train", 1, MAX_EXAMPLES)
     n_test = _card_count(record, "n-test", 1, MAX_EXAMPLES)
     n_val = _card_count(record, "n-val", 1, MAX_EXAMPLES)
-    return TaskCard(name, modality, n_classes, label_kind, n_train, n_test, n_val)
+    classes = _card_classes(record["classes"], n_classes) if "classes" in record else ()
+    return TaskCard(name, modality, n_classes, label_kind, n_train, n_test, n_val, classes)
 
 
 def admit_cards(cards: Mapping[int, TaskCard]) -> tuple[dict[int, TaskCard], dict[int, str]]:
@@ -249,6 +254,20 @@ def _card_count(record: Mapping[str, object], field: str, low: int, high: int) -
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise Rejected(f"{field} is {quote(value)}, expected an int in {low}..{high}")
     return value
+
+
+def _is_modality_text(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_MODALITY_LENGTH and value.isprintable()
+
+
+def _card_classes(classes: object, n_classes: int) -> tuple[str, ...]:
+    """A card's class names: a list of exactly ``n_classes`` strings, each bounded as a modality."""
+    if not (isinstance(classes, list) and len(classes) == n_classes):
+        raise Rejected(f"classes is {quote(classes)}, expected a list of {n_classes} names")
+    for index, name in enumerate(classes):
+        if not _is_modality_text(name):
+            raise Rejected(f"classes name {index} {quote(name)} is not 1..{MAX_MODALITY_LENGTH} printable characters")
+    return tuple(classes)
 
 
 def _whole_number(value: object, field: str, low: int, high: int) -> int:

@@ -115,12 +115,14 @@ def test_bad_weight_and_rule_are_rejected():
 
 
 def test_streaming_rules_map_a_rule_to_its_weight():
-    assert sorted(RULES) == ["mean", "median", "trimmed-mean", "weighted"]
+    assert sorted(RULES) == ["mean", "median", "ties", "trimmed-mean", "weighted"]
     assert update_weight("mean", 30) == 1.0 and update_weight("weighted", 30) == 30.0
     with pytest.raises(ValueError, match=re.escape("choose one of ('mean', 'weighted')")):
         update_weight("median", 1)
     with pytest.raises(ValueError, match="unknown"):
         new_aggregate("median-ish")
+    with pytest.raises(ValueError, match="needs the stage's base"):
+        new_aggregate("ties")
 
 
 def test_median_and_trimmed_mean_against_hand_computed_values():

@@ -34,7 +34,7 @@ def test_the_readme_table_lists_exactly_the_declared_keys_with_their_defaults():
     [
         ({"num-stage": 3}, "unknown key 'num-stage'"),
         ({"num-stages": "3"}, "'num-stages' must be an integer"),
-        ({"num-stages": 0}, "'num-stages' = 0: must be >= 1"),
+        ({"num-stages": -1}, "'num-stages' = -1: must be >= 0"),
         ({"server-mix": 1.5}, "'server-mix' = 1.5: must be in"),
         ({"aggregation": "avg"}, "'aggregation' = 'avg': must be one of"),
         ({"strategy": "fedprox"}, "'strategy' = 'fedprox': must be one of \\('stagewise',"),

@@ -7,10 +7,11 @@ import sys
 import pytest
 from conftest import ROOT, default_run_config
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from simulation.experiment import register, to_run_config
 
-from meduniverse_flwr.config import KEYS, read_keys
+from meduniverse_flwr.config import KEYS, RunConfig, read_keys
 from meduniverse_flwr.strategy import STRATEGIES
 
 
@@ -35,13 +36,23 @@ def test_every_strategy_has_a_preset(name):
 
 
 @pytest.mark.parametrize("experiment", sorted(path.stem for path in (ROOT / "conf" / "experiment").glob("*.yaml")))
-def test_every_experiment_preset_composes_to_checked_keys_and_sweeps_registered_strategies(experiment):
+def test_every_experiment_preset_composes_to_checked_keys_and_sweeps_registered_strategies_or_arms(experiment):
     run_config = compose_run_config(f"+experiment={experiment}")
     read_keys(run_config, KEYS)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         sweep = compose(config_name="config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
     params = sweep.hydra.sweeper.params
-    assert set(params["strategy"].split(",")) <= set(STRATEGIES) and len(params["seed"].split(",")) >= 1
+    strategies, arms = (set(params.get(key, "").split(",")) - {""} for key in ("strategy", "arm"))
+    assert strategies <= set(STRATEGIES) and arms <= ARMS and (strategies or arms)
+    assert len(params["seed"].split(",")) >= 1
+    for arm in arms:  # each arm's own settings win over the preset's
+        with_arm = compose_run_config(f"+experiment={experiment}", f"arm={arm}")
+        RunConfig.from_run_config(with_arm)
+        for key, value in OmegaConf.load(ROOT / "conf" / "arm" / f"{arm}.yaml").items():
+            assert with_arm[key.replace("_", "-")] == value, (arm, key)
+
+
+ARMS = {path.stem for path in (ROOT / "conf" / "arm").glob("*.yaml")}
 
 
 @pytest.mark.parametrize("defence", sorted(path.stem for path in (ROOT / "conf" / "defence").glob("*.yaml")))

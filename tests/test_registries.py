@@ -50,6 +50,9 @@ def sites(tmp_path_factory):
     root = tmp_path_factory.mktemp("sites")
     entries = {"embedded": ["embedded:ct-tissue", "embedded:histology-stain"]}
     entries["medmnist"] = [f"medmnist:{write_medmnist(root, flag, n=(24, 8, 8))}" for flag in ("pneumoniamnist", "bloodmnist")]
+    (root / "npz").mkdir()
+    entries["npz"] = [f"npz:{write_medmnist(root / 'npz', flag, n=(24, 8, 8)).rename(root / 'npz' / name)}"
+                      for flag, name in (("pneumoniamnist", "site-x.npz"), ("bloodmnist", "site-y.npz"))]
     for index, site in enumerate(("site-a", "site-b")):
         for split in ("train", "val", "test"):
             for cls, value in (("benign", 40 + index), ("malignant", 200 - index)):

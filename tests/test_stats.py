@@ -3,19 +3,25 @@
 import warnings
 
 import pytest
+import numpy as np
 from scipy import stats as scipy_stats
 
 from meduniverse_flwr.stats import (
     PairedTest,
     Spread,
+    bootstrap_ci,
     by_task,
     comparisons,
+    detectable_effect,
     gain_spreads,
+    gain_test,
     holm,
     mean_std,
     paired,
     paired_test,
+    pairs_needed,
     task_gains,
+    task_level_test,
 )
 
 AFTER = [0.80, 0.90, 0.70, 0.85, 0.60, 0.75, 0.66]
@@ -110,3 +116,67 @@ def test_gain_over_stage0_per_seed_then_spread_and_per_task_gains():
     assert gains["a"].mean == pytest.approx(0.2) and gains["a"].std == pytest.approx(0.1)
     assert gains["b"].mean == pytest.approx(-0.05) and gains["b"].n == 2
     assert list(by_task(scores({"z": [0.1], "a": [0.2]}, seeds=(3,)))) == ["z", "a"]
+
+
+# ------------------------------------------------------------------ gains against zero, clusters, power
+GAINS = [3.0, -1.0, 5.0, 2.0, 9.0, 0.5, 4.0, -2.5, 6.0]
+TASKS = ["a", "a", "a", "b", "b", "b", "c", "c", "c"]  # three seeds per task
+
+
+def test_gain_tests_against_zero_are_scipys_wilcoxon_and_one_sample_t():
+    test = gain_test(GAINS)
+    assert test.wilcoxon_p == scipy_stats.wilcoxon(GAINS).pvalue
+    assert test.ttest_p == pytest.approx(scipy_stats.ttest_1samp(GAINS, 0).pvalue, rel=1e-12)
+    assert test.n == 9 and test.mean_diff == pytest.approx(sum(GAINS) / 9)
+    assert gain_test([0.0, 0.0]) == PairedTest(2, 0.0, 1.0, 1.0) and gain_test([]) == PairedTest(0, None, None, None)
+
+
+def test_bootstrap_with_one_value_per_cluster_is_scipys_percentile_bootstrap():
+    values = GAINS[:6]
+    low, high = bootstrap_ci(values, ["t1", "t2", "t3", "t4", "t5", "t6"], n_resamples=2000, seed=3)
+    expected = scipy_stats.bootstrap((np.asarray(values),), np.mean, method="percentile", n_resamples=2000,
+                                     rng=np.random.default_rng(3)).confidence_interval
+    assert (low, high) == pytest.approx((expected.low, expected.high), rel=1e-12)
+
+
+def test_cluster_bootstrap_resamples_whole_tasks():
+    # equal cluster sizes: the pooled mean of a resample is the mean of its task means
+    means = [np.mean(GAINS[i:i + 3]) for i in (0, 3, 6)]
+    expected = scipy_stats.bootstrap((np.asarray(means),), np.mean, method="percentile", confidence_level=0.9,
+                                     rng=np.random.default_rng(0)).confidence_interval
+    assert bootstrap_ci(GAINS, TASKS, level=0.9, n_resamples=9999) == pytest.approx((expected.low, expected.high))
+    # unequal sizes: every value of a drawn task counts, so a task with more seeds weighs more
+    values, clusters = [0.0, 0.0, 0.0, 1.0], ["big", "big", "big", "small"]
+    drawn = np.random.default_rng(0).integers(0, 2, (500, 2))  # clusters in sorted order: big, small
+    pooled = [np.mean([v for d in row for v, c in zip(values, clusters) if c == ["big", "small"][d]]) for row in drawn]
+    assert bootstrap_ci(values, clusters, n_resamples=500, level=0.5) == pytest.approx(
+        tuple(np.quantile(pooled, [0.25, 0.75])))
+    low, high = bootstrap_ci(GAINS, TASKS)
+    assert low < np.mean(GAINS) < high and (low, high) == bootstrap_ci(GAINS[::-1], TASKS[::-1])  # seeded
+    nine = list(range(9))
+    assert bootstrap_ci(GAINS, nine, n_resamples=100, seed=1) != bootstrap_ci(GAINS, nine, n_resamples=100)
+    assert bootstrap_ci([], []) == (None, None) and bootstrap_ci([2.0], ["a"]) == (2.0, 2.0)
+    with pytest.raises(ValueError):
+        bootstrap_ci([1.0], [])
+
+
+def test_task_level_test_averages_seeds_then_tests_the_tasks():
+    result = task_level_test(GAINS, TASKS)
+    assert result.means == pytest.approx({"a": 7 / 3, "b": 11.5 / 3, "c": 7.5 / 3}) and result.n == 3
+    assert result.wilcoxon_p == scipy_stats.wilcoxon(list(result.means.values())).pvalue == 0.25  # 3 of one sign
+    assert task_level_test([1.0, 2.0], ["a", "a"]).wilcoxon_p is None  # one task: no test
+
+
+def test_detectable_effect_and_pairs_needed():
+    t = scipy_stats.t
+    # sd 2, 10 pairs: (t(0.975, 9) + t(0.8, 9)) x 2 / sqrt(10) = (2.2622 + 0.8834) x 0.6325
+    assert detectable_effect(2.0, 10) == pytest.approx((t.ppf(0.975, 9) + t.ppf(0.8, 9)) * 2 / np.sqrt(10))
+    assert detectable_effect(2.0, 10) == pytest.approx(1.9894, abs=1e-4)
+    assert detectable_effect(2.0, 10, alpha=0.01, power=0.9) == pytest.approx(
+        (t.ppf(0.995, 9) + t.ppf(0.9, 9)) * 2 / np.sqrt(10))
+    assert detectable_effect(2.0, 1) is None
+    assert pairs_needed(2.0, 2.0) == 10  # 9 pairs detect 2.13 points, 10 detect 1.99
+    assert detectable_effect(2.0, 9) > 2.0 >= detectable_effect(2.0, 10)
+    assert pairs_needed(3.0, detectable_effect(3.0, 137)) == 137 and pairs_needed(0.0, 1.0) == 2
+    with pytest.raises(ValueError):
+        pairs_needed(1.0, 0.0)

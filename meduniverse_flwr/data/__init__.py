@@ -21,9 +21,10 @@ from .dicom import load_dicom_folder
 from .embedded import TASKS as EMBEDDED_TASKS
 from .embedded import load_embedded, task_path
 from .folder import load_folder
+from .layout import load_layout, sidecar_path
 from .medmnist import flag_of, load_medmnist, resolve
 from .npz import SPLITS, DataError, Split
-from .partition import dirichlet_shard, iid_shard
+from .partition import archive_indices, dirichlet_shard, iid_shard
 
 DEFAULT_ROOT = Path.home() / ".cache" / "meduniverse_flwr"
 logger = logging.getLogger("flwr")
@@ -41,10 +42,14 @@ class TaskCard:
     n_train: int
     n_test: int
     n_val: int
+    classes: tuple[str, ...] = ()  # class names in label order, where the source has them
 
     def to_record(self) -> dict[str, Any]:
-        return {"name": self.name, "modality": self.modality, "n-classes": self.n_classes,
-                "label-kind": self.label_kind, "n-train": self.n_train, "n-test": self.n_test, "n-val": self.n_val}
+        record = {"name": self.name, "modality": self.modality, "n-classes": self.n_classes,
+                  "label-kind": self.label_kind, "n-train": self.n_train, "n-test": self.n_test, "n-val": self.n_val}
+        if self.classes:  # optional: a card without names stays the one older nodes send
+            record["classes"] = list(self.classes)  # a ConfigRecord holds lists, not tuples
+        return record
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,7 @@ class DataOptions:
     dirichlet_alpha: float = 0.5
     download: bool = False
     skip_unreadable: bool = False
+    archive_share: float = 0.0  # share of each train split set apart for the server (never the node's)
 
 
 def cache_root(data_root: str) -> Path:
@@ -107,14 +113,16 @@ def cache_root(data_root: str) -> Path:
 def options_from(values: Mapping[str, Any], image_size: int) -> DataOptions:
     """Data options from run-config values (snake_case, as ``config.read_keys`` returns them)."""
     return DataOptions(values["data"], values["data_root"], image_size, values["seed"], values["partition"],
-                       values["dirichlet_alpha"], values["download"], values["skip_unreadable"])
+                       values["dirichlet_alpha"], values["download"], values["skip_unreadable"],
+                       values["archive_share"])
 
 
 def parse_entry(entry: str, default_source: str) -> tuple[str, str]:
-    """``"medmnist:pneumoniamnist"`` -> (medmnist, pneumoniamnist); a bare name takes ``default_source``."""
+    """``"medmnist:pneumoniamnist"`` -> (medmnist, pneumoniamnist); a bare ``.npz`` path is read by the
+    npz source, any other bare name takes ``default_source``."""
     source, sep, spec = entry.partition(":")
     if not sep:
-        source, spec = default_source, entry
+        source, spec = "npz" if entry.endswith(".npz") else default_source, entry
     if source not in SOURCES:
         raise DataError(f"dataset '{entry}': unknown source '{source}', choose one of {tuple(SOURCES)}")
     return source, spec
@@ -125,6 +133,8 @@ def dataset_name(entry: str, default_source: str) -> str:
     source, spec = parse_entry(entry, default_source)
     if source == "medmnist":
         return flag_of(Path(spec)) if spec.endswith(".npz") or "/" in spec else spec
+    if source == "npz":
+        return Path(spec).stem
     return Path(spec).expanduser().name if source in ("folder", "dicom") else spec
 
 
@@ -138,7 +148,7 @@ def _embedded(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Spli
         raise DataError(f"dataset '{spec}': not in the embedded universe {sorted(EMBEDDED_TASKS)}")
     info = EMBEDDED_TASKS[spec]
     splits = load_embedded(spec, cache_root(options.root))
-    return TaskCard(spec, info.modality, len(info.classes), info.label_kind, *_counts(splits)), splits
+    return TaskCard(spec, info.modality, len(info.classes), info.label_kind, *_counts(splits), info.classes), splits
 
 
 def _medmnist(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
@@ -163,21 +173,35 @@ def _dicom(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]
     return TaskCard(path.name, "DICOM", len(classes), label_kind, *_counts(splits)), splits
 
 
+def _npz(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
+    path = _site_path(spec, options)
+    layout, splits = load_layout(path)
+    return TaskCard(path.stem, layout.modality, layout.n_classes, layout.label_kind, *_counts(splits),
+                    layout.classes), splits
+
+
+def _npz_paths(spec: str, options: DataOptions) -> tuple[Path, ...]:
+    path = _site_path(spec, options)
+    return path, sidecar_path(path)  # a sidecar added, edited or removed changes the task too
+
+
 # Data sources by name: a dataset entry ``source:spec`` is read by ``SOURCES[source](spec, options)``.
 SOURCES: dict[str, Callable[[str, "DataOptions"], tuple[TaskCard, dict[str, Split]]]] = {
     "embedded": _embedded,
     "medmnist": _medmnist,
     "folder": _folder,
     "dicom": _dicom,
+    "npz": _npz,
 }
 
 
-# What each source reads an entry from: the node data cache decodes it again when this changes.
-SOURCE_PATHS: dict[str, Callable[[str, "DataOptions"], Path]] = {
-    "embedded": lambda spec, options: task_path(cache_root(options.root), spec),
-    "medmnist": lambda spec, options: resolve(spec, options.root, options.image_size)[1],
-    "folder": _site_path,
-    "dicom": _site_path,
+# What each source reads an entry from: the node data cache decodes it again when one of these changes.
+SOURCE_PATHS: dict[str, Callable[[str, "DataOptions"], tuple[Path, ...]]] = {
+    "embedded": lambda spec, options: (task_path(cache_root(options.root), spec),),
+    "medmnist": lambda spec, options: (resolve(spec, options.root, options.image_size)[1],),
+    "folder": lambda spec, options: (_site_path(spec, options),),
+    "dicom": lambda spec, options: (_site_path(spec, options),),
+    "npz": _npz_paths,
 }
 
 
@@ -191,7 +215,7 @@ def _shard_seed(seed: int, dataset: str, split: str) -> int:
     return zlib.crc32(f"{seed}:{dataset}:{split}".encode())
 
 
-def _stratify_by(labels: np.ndarray) -> np.ndarray:
+def stratify_by(labels: np.ndarray) -> np.ndarray:
     """One class per example for label-skew partitioning (multilabel: its first positive label)."""
     if labels.shape[1] == 1:
         return labels[:, 0]
@@ -205,9 +229,15 @@ def _iid(split: Split, card: TaskCard, split_name: str, shard: int, n_shards: in
 
 def _dirichlet(split: Split, card: TaskCard, split_name: str, shard: int, n_shards: int,
                options: DataOptions) -> np.ndarray:
-    return dirichlet_shard(_stratify_by(split.labels), shard, n_shards, options.dirichlet_alpha,
+    return dirichlet_shard(stratify_by(split.labels), shard, n_shards, options.dirichlet_alpha,
                            _shard_seed(options.seed, card.name, "proportions"),
                            _shard_seed(options.seed, card.name, split_name))
+
+
+def archive_of(name: str, n_train: int, share: float) -> np.ndarray:
+    """The train-split indices of dataset ``name`` in the server's public archive: fixed per dataset
+    (not per run seed), as a hospital's archive would be."""
+    return archive_indices(n_train, share, zlib.crc32(f"archive:{name}".encode()))
 
 
 # How nodes sharing a dataset split it: ``PARTITIONS[partition](split, card, split name, shard, n_shards, options)``.
@@ -247,8 +277,12 @@ def _cached_task(path: Path, key: str, image_size: int) -> NodeTask:
 
 
 def decode_node_task(entry: str, shard: int, n_shards: int, options: DataOptions) -> NodeTask:
-    """A node's task read from its source: decoded, resized and sharded."""
+    """A node's task read from its source: decoded, resized, its public-archive share dropped, and sharded."""
     card, splits = load_dataset(entry, options)
+    if options.archive_share > 0:
+        train = splits["train"]
+        keep = np.setdiff1d(np.arange(len(train)), archive_of(card.name, len(train), options.archive_share))
+        splits = {**splits, "train": Split(train.images[keep], train.labels[keep])}
     if n_shards > 1:
         splits = {name: Split(split.images[idx], split.labels[idx]) for name, split in splits.items()
                   for idx in [PARTITIONS[options.partition](split, card, name, shard, n_shards, options)]}

@@ -29,12 +29,12 @@ from ..metrics import LABEL_KINDS
 from .npz import SPLITS
 
 CACHE_DIR = "node-cache"
-FORMAT = "meduniverse-flwr node task v2"  # bump when what is cached, or how, changes
+FORMAT = "meduniverse-flwr node task v3"  # bump when what is cached, or how, changes
 # How images lie in memory, kept so that a cached task computes exactly as a decoded one (an RGB
 # file gives a channels-last view): the stored order, and the permute back to N x C x S x S.
 LAYOUTS = {"nchw": (0, 1, 2, 3), "nhwc": (0, 3, 1, 2)}
 CARD_TYPES = {"name": str, "modality": str, "n_classes": int, "label_kind": str, "n_train": int, "n_test": int,
-              "n_val": int}
+              "n_val": int, "classes": list}  # classes: a tuple on the card, a list in JSON
 
 
 class CacheError(ValueError):
@@ -50,16 +50,20 @@ def _files(folder: Path, skip: Path) -> list[Path]:
     return found
 
 
-def source_hash(path: Path, skip: Path) -> str:
-    """A hash of the size and modification time of ``path`` (a file, or every file below a folder
-    except those under ``skip``, the cache itself); CacheError if it cannot be listed."""
+def source_hash(paths: tuple[Path, ...], skip: Path) -> str:
+    """A hash of the size and modification time of each of ``paths`` (a file, or every file below
+    a folder except those under ``skip``, the cache itself); CacheError if one cannot be listed."""
+    return hashlib.sha256(json.dumps([_listing(path, skip) for path in paths]).encode()).hexdigest()[:16]
+
+
+def _listing(path: Path, skip: Path) -> list:
     try:
         files = [path] if path.is_file() else _files(path, skip) if path.is_dir() else []
         listing = [(str(file.relative_to(path)), stat.st_size, stat.st_mtime_ns)
                    for file in files for stat in [file.stat()]]
     except OSError as err:
         raise CacheError(f"data source {path}: cannot be listed ({err})") from None
-    return hashlib.sha256(json.dumps([path.exists(), listing]).encode()).hexdigest()[:16]
+    return [path.exists(), listing]
 
 
 def cache_path(directory: Path, key: str, source: str) -> Path:
@@ -126,7 +130,10 @@ def _card(card: object) -> dict:
         raise CacheError("card is not a task card")
     if card["label_kind"] not in LABEL_KINDS or card["n_classes"] < 1:
         raise CacheError(f"card has label kind {card['label_kind']!r} with {card['n_classes']} classes")
-    return card
+    names = card["classes"]
+    if not (all(type(name) is str for name in names) and len(names) in (0, card["n_classes"])):
+        raise CacheError(f"card's class names are not {card['n_classes']} strings")
+    return {**card, "classes": tuple(names)}
 
 
 def _layouts(layouts: object) -> dict[str, str]:

@@ -106,6 +106,14 @@ def read_images(path: Path, splits: tuple[str, ...] = ("train", "val")) -> np.nd
     return np.concatenate(parts)
 
 
+def label_columns(path: Path) -> int:
+    """L of the file's ``train_labels`` (N x L; 1 for flat N): a multilabel file's label count."""
+    path = Path(path)
+    with _open(path) as archive:
+        labels = _require(path, archive, "train_labels")  # memory-mapped or small: only its shape is used
+    return labels.shape[1] if labels.ndim == 2 else 1
+
+
 def _check_images(path: Path, split: str, images: np.ndarray) -> np.ndarray:
     where = f"data file {path}: '{split}_images'"
     if images.dtype != np.uint8:

@@ -42,3 +42,31 @@ def dirichlet_shard(labels: np.ndarray, shard: int, n_shards: int, alpha: float,
         cuts = np.round(np.cumsum(share)[:-1] * len(members)).astype(int)
         mine.append(np.split(members, cuts)[shard])
     return np.sort(np.concatenate(mine))
+
+
+def archive_indices(n_examples: int, share: float, seed: int) -> np.ndarray:
+    """The ``round(share * n)`` examples (sorted indices) of a train split set apart as the server's public
+    archive: the server pretrains on them, the node never trains or scores on them."""
+    count = int(round(share * n_examples))
+    return np.sort(np.random.default_rng(seed).permutation(n_examples)[:count])
+
+
+def stratified_subset(classes: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """``count`` indices (sorted) drawn without replacement, each class in proportion to its share
+    (largest remainders, at least one per class when ``count`` allows); all indices if ``count``
+    is 0 or not below the number of examples."""
+    n = len(classes)
+    if count == 0 or count >= n:
+        return np.arange(n)
+    values, sizes = np.unique(classes, return_counts=True)
+    quota = sizes * count / n
+    taken = np.floor(quota).astype(int)
+    if count >= len(values):  # every class gets a label before any gets a second one
+        taken = np.maximum(taken, 1)
+    while taken.sum() > count:  # the class furthest over its quota gives one back
+        taken[np.argmax(np.where(taken > 1, taken - quota, -np.inf))] -= 1
+    while taken.sum() < count:  # largest remainders first
+        taken[np.argmax(np.where(taken < sizes, quota - taken, -np.inf))] += 1
+    rng = np.random.default_rng(seed)
+    picked = [rng.permutation(np.flatnonzero(classes == value))[:k] for value, k in zip(values, taken)]
+    return np.sort(np.concatenate(picked))
