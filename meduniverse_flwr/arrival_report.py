@@ -20,7 +20,6 @@ Written to ``--out`` (default ``report/`` in the runs' common parent): ``report.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -593,14 +592,9 @@ def report_paths(paths: list[Path], out: Path | None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m meduniverse_flwr.arrival_report",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", type=Path,
-                        help="run directories, results.json files, Hydra job or sweep directories")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where report.md, fig3_gain.png and arrival.json go (default: report/ in the runs' "
-                             "common parent)")
-    args = parser.parse_args(argv)
+    args = report.parse_report_args("python -m meduniverse_flwr.arrival_report", __doc__,
+                                    "where report.md, fig3_gain.png and arrival.json go (default: report/ in the "
+                                    "runs' common parent)", argv)
     return report_paths(args.paths, args.out)
 
 

@@ -592,14 +592,19 @@ def write_report(runs: list[Run], out: Path, notes: list[str]) -> list[Path]:
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m meduniverse_flwr.report", description=__doc__.split("\n\n")[0])
+def parse_report_args(prog: str, doc: str, out_help: str, argv: list[str] | None) -> argparse.Namespace:
+    """A report CLI's arguments: the paths to read runs from, and ``--out``."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path,
                         help="run directories, results.json files, Hydra job or sweep directories")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="where report.md and the figures go (default: report/ in the runs' common parent; "
-                             "with one run, given --out only)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", type=Path, default=None, help=out_help)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_report_args("python -m meduniverse_flwr.report", __doc__,
+                             "where report.md and the figures go (default: report/ in the runs' common parent; "
+                             "with one run, given --out only)", argv)
     status, runs = 0, []
     for path in args.paths:
         for results_path, run_dir in find_runs(path):

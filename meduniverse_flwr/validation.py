@@ -33,22 +33,17 @@ import numpy as np
 
 from .aggregation import Arrays, array_norm, check_update, clip_update, relative_update_norm
 from .data import TaskCard
+from .bounds import CLASS_RANGE, MAX_CLASSES, MAX_TEXT_LENGTH, is_card_text
 from .metrics import LABEL_KINDS
 
-# A head of 768 x 1000 float32 is 3 MB; no medical label space comes near 1000 classes.
-MAX_CLASSES = 1000
 # n-train / n-test / num-examples: past the largest medical image collections (a few million);
 # a larger claim only serves to dominate the example-weighted mean.
 MAX_EXAMPLES = 10**8
-# Class counts per label kind: binary is a 2-column softmax; multilabel may have a single label.
-CLASS_RANGE = {"binary": (2, 2), "multiclass": (2, MAX_CLASSES), "multilabel": (1, MAX_CLASSES)}
 # Task names fit a log line and a plot legend.
 MAX_NAME_LENGTH = 64
 # ASCII letters and digits, then also ``._+-`` and inner spaces: no control characters (forged log
 # lines, ANSI codes), no ``$`` or ``\`` (matplotlib mathtext), no look-alike Unicode, no ``..``-style names.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._+\- ]*[A-Za-z0-9._+\-])?")
-# Modality is free text shown in log lines: printable (no control characters), this long at most.
-MAX_MODALITY_LENGTH = 64
 CARD_FIELDS = ("name", "modality", "n-classes", "label-kind", "n-train", "n-test", "n-val")
 # Fields a card may leave out: "classes", the class names in label order (n-classes of them, each
 # bounded as the modality is: they reach log lines and plots too).
@@ -138,8 +133,8 @@ def parse_card(record: Mapping[str, object]) -> TaskCard:
     if not (isinstance(name, str) and len(name) <= MAX_NAME_LENGTH and NAME_PATTERN.fullmatch(name)):
         raise Rejected(f"name {quote(name)} is not 1..{MAX_NAME_LENGTH} of A-Z a-z 0-9 . _ + - and inner spaces")
     modality = record["modality"]
-    if not _is_modality_text(modality):
-        raise Rejected(f"modality {quote(modality)} is not 1..{MAX_MODALITY_LENGTH} printable characters")
+    if not is_card_text(modality):
+        raise Rejected(f"modality {quote(modality)} is not 1..{MAX_TEXT_LENGTH} printable characters")
     label_kind = record["label-kind"]
     if not (isinstance(label_kind, str) and label_kind in LABEL_KINDS):
         raise Rejected(f"label-kind {quote(label_kind)} is not one of {', '.join(LABEL_KINDS)}")
@@ -256,17 +251,13 @@ def _card_count(record: Mapping[str, object], field: str, low: int, high: int) -
     return value
 
 
-def _is_modality_text(value: object) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= MAX_MODALITY_LENGTH and value.isprintable()
-
-
 def _card_classes(classes: object, n_classes: int) -> tuple[str, ...]:
     """A card's class names: a list of exactly ``n_classes`` strings, each bounded as a modality."""
     if not (isinstance(classes, list) and len(classes) == n_classes):
         raise Rejected(f"classes is {quote(classes)}, expected a list of {n_classes} names")
     for index, name in enumerate(classes):
-        if not _is_modality_text(name):
-            raise Rejected(f"classes name {index} {quote(name)} is not 1..{MAX_MODALITY_LENGTH} printable characters")
+        if not is_card_text(name):
+            raise Rejected(f"classes name {index} {quote(name)} is not 1..{MAX_TEXT_LENGTH} printable characters")
     return tuple(classes)
 
 

@@ -12,10 +12,9 @@ from conftest import ROOT, write_medmnist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from meduniverse_flwr import data, validation
+from meduniverse_flwr import data
 from meduniverse_flwr.data import DataOptions, dataset_name, load_dataset, load_node_task, medmnist
 from meduniverse_flwr.data.cache import CACHE_DIR
-from meduniverse_flwr.data import layout
 from meduniverse_flwr.data.layout import MAX_SIDECAR_BYTES
 from meduniverse_flwr.data.medmnist import FLAGS
 from meduniverse_flwr.data.npz import DataError
@@ -161,11 +160,6 @@ def test_a_bad_sidecar_fails_in_one_line_naming_it_and_the_key(case, tmp_path):
     assert str(err.value).startswith(f"sidecar {sidecar}: ") and message in str(err.value)
     assert str(err.value).isprintable() and len(str(err.value)) < 200
 
-
-def test_a_sidecar_is_bounded_as_the_server_bounds_a_card():
-    """What a sidecar may say is what parse_card accepts (layout cannot import validation: a cycle)."""
-    assert layout.CLASS_RANGE == validation.CLASS_RANGE and layout.MAX_CLASSES == validation.MAX_CLASSES
-    assert layout.MAX_TEXT_LENGTH == validation.MAX_MODALITY_LENGTH
 
 
 def test_the_embedded_source_sends_its_class_names(data_root):

@@ -25,7 +25,7 @@ from meduniverse_flwr.validation import (
     CARD_FIELDS,
     CLASS_RANGE,
     MAX_EXAMPLES,
-    MAX_MODALITY_LENGTH,
+    MAX_TEXT_LENGTH,
     MAX_NAME_LENGTH,
     MAX_REASON_LENGTH,
     ON_EXCESS,
@@ -365,8 +365,8 @@ bad_names = st.one_of(
     names_with_a_bad_char(),
 )
 modalities = st.text(st.characters(exclude_categories=("C", "Z"), include_characters=" "), min_size=1,
-                     max_size=MAX_MODALITY_LENGTH)
-bad_modalities = st.one_of(st.text(max_size=80), st.text(min_size=MAX_MODALITY_LENGTH + 1, max_size=90),
+                     max_size=MAX_TEXT_LENGTH)
+bad_modalities = st.one_of(st.text(max_size=80), st.text(min_size=MAX_TEXT_LENGTH + 1, max_size=90),
                            modalities.map(lambda m: m + "\n"), modalities.map(lambda m: "\x1b[2J" + m))
 FIELD_JUNK = {"name": st.one_of(bad_names, junk), "modality": st.one_of(bad_modalities, junk)}
 # Class counts per label kind, stated here independently of CLASS_RANGE.

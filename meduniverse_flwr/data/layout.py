@@ -17,16 +17,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..bounds import CLASS_RANGE, MAX_CLASSES, MAX_TEXT_LENGTH, is_card_text
 from ..metrics import LABEL_KINDS
 from .npz import DataError, Split, label_columns, read_npz
 
 SIDECAR_KEYS = ("modality", "classes", "label-kind")
 MAX_SIDECAR_BYTES = 64 * 1024  # a sidecar is a few names; a larger file is a mistake, never read whole
-MAX_CLASSES = 1000  # as the server's card bound (validation.MAX_CLASSES)
-MAX_TEXT_LENGTH = 64  # a modality or class name, as the server's card bound
 UNKNOWN_MODALITY = "unknown"
-# Class counts per label kind, as the server's card bounds (validation.CLASS_RANGE).
-CLASS_RANGE = {"binary": (2, 2), "multiclass": (2, MAX_CLASSES), "multilabel": (1, MAX_CLASSES)}
 QUOTE_LENGTH = 40
 
 
@@ -79,7 +76,7 @@ def read_sidecar(path: Path) -> Sidecar:
     if unknown:
         raise DataError(f"sidecar {path}: unknown key {_quote(unknown[0])}, expected {', '.join(SIDECAR_KEYS)}")
     modality = values.get("modality", UNKNOWN_MODALITY)
-    if not _is_text(modality):
+    if not is_card_text(modality):
         raise DataError(f"sidecar {path}: 'modality' must be a string of 1..{MAX_TEXT_LENGTH} printable characters")
     classes = _classes(path, values["classes"]) if "classes" in values else ()
     label_kind = values.get("label-kind", "")
@@ -117,14 +114,10 @@ def _classes(path: Path, classes: object) -> tuple[str, ...]:
     if not 1 <= len(classes) <= MAX_CLASSES:
         raise DataError(f"sidecar {path}: 'classes' has {len(classes)} names, expected 1..{MAX_CLASSES}")
     for index, name in enumerate(classes):
-        if not _is_text(name):
+        if not is_card_text(name):
             raise DataError(f"sidecar {path}: 'classes' name {index} {_quote(name)} is not 1..{MAX_TEXT_LENGTH} "
                             f"printable characters")
     return tuple(classes)
-
-
-def _is_text(value: object) -> bool:
-    return isinstance(value, str) and 0 < len(value) <= MAX_TEXT_LENGTH and value.isprintable()
 
 
 def _quote(value: object) -> str:
