@@ -8,7 +8,9 @@ reply is folded into a running aggregate as it arrives; after
 ``clients_per_stage`` valid replies the stage ends (late replies are dropped
 and logged), or at the stage timeout with at least ``min_replies``, and the
 next base is ``(1 - server_mix) * base + server_mix * aggregate``. Heads never
-enter it.
+enter it. With ``schedule = arrival`` (``schedule.py``, the paper's protocol) a stage asks
+the nodes of its K arriving tasks instead, each task trains once, and only the tasks still
+to come (and held-out ones) score each new base.
 
 The class implements all of Flower's ``Strategy`` methods, so Flower's own
 ``start()`` drives it too; ``run_train_stage`` is the streaming form the
@@ -43,8 +45,8 @@ from .messages import Instructions, pack, record, to_numpy, to_record, unpack
 from .model import new_head_state
 from .outcome import NodeReport, StageOutcome
 from .pooled import train_pooled
-from .schedule import arrival_order, arrivals, trained_by
 from .privacy import PrivacyLedger, example_steps, noise_seed, noisy_sum_mean
+from .schedule import arrival_order, arrivals, trained_by
 from .seeds import derive_seed
 from .task import EVAL_PROTOCOLS
 from .validation import (EvalScore, Rejected, TrainUpdate, admit_cards, check_eval_reply, check_train_reply,
