@@ -324,11 +324,39 @@ def arm_result(arm_runs: list[ArrivalRun], found: list[Arrival], metric: str) ->
 
 
 @dataclass(frozen=True)
+class Versus:
+    """One arm against the first stage-wise arm of its level, paired on the (task, seed) both score at
+    arrival stage >= 2: ``pooled`` holds the tests of the score differences (arm minus ``against``)."""
+    arm: str
+    against: str
+    eval_labels: int
+    metric: str
+    pooled: Pooled
+
+
+def versus_first(found: dict[tuple[int, str, str], list[Arrival]], controls: set[str]) -> list[Versus]:
+    """Every arm against the first stage-wise arm (in arm order) of the same level and metric."""
+    compared = []
+    for (level, against, metric), reference in found.items():
+        first = next((arm for (lv, arm, m) in found if (lv, m) == (level, metric) and arm not in controls), None)
+        if against != first:
+            continue
+        scores = {(x.task, x.seed): x.score for x in reference if x.stage >= 2}
+        for (lv, arm, m), arrived in found.items():
+            if (lv, m) == (level, metric) and arm != first:
+                pairs = [Arrival(x.task, x.seed, x.stage, x.score, scores[x.task, x.seed])
+                         for x in arrived if x.stage >= 2 and (x.task, x.seed) in scores]
+                compared.append(Versus(arm, first, level, metric, pooled(pairs)))
+    return compared
+
+
+@dataclass(frozen=True)
 class Analysis:
     runs: list[ArrivalRun]
     references: dict[Path, Path]  # a control's results.json -> its reference's
     results: list[ArmResult]      # per eval-labels level, arm, metric
     notes: list[str]
+    versus: list[Versus] = dataclasses.field(default_factory=list)  # each arm against the first stage-wise arm
 
 
 def config_notes(arms: dict[tuple[int, str], list[ArrivalRun]]) -> list[str]:
@@ -371,11 +399,15 @@ def analyse(runs: list[ArrivalRun], notes: Iterable[str] = ()) -> Analysis:
                          f"{metric} tables (their n count the rest)")
     results = [arm_result(arm_runs, found[level, arm, metric], metric)
                for (level, arm), arm_runs in arms.items() for metric in METRICS]
-    adjusted = stats.holm([r.pooled.wilcoxon_p for r in results])
+    versus = versus_first(found, {arm for (_, arm), arm_runs in arms.items() if arm_runs[0].control})
+    # one family: every gain over the MIM base and every arm-against-arm comparison of the report
+    adjusted = stats.holm([r.pooled.wilcoxon_p for r in results] + [v.pooled.wilcoxon_p for v in versus])
     results = [dataclasses.replace(r, pooled=dataclasses.replace(r.pooled, holm_p=p))
                for r, p in zip(results, adjusted)]
+    versus = [dataclasses.replace(v, pooled=dataclasses.replace(v.pooled, holm_p=p))
+              for v, p in zip(versus, adjusted[len(results):])]
     used = [run for arm_runs in arms.values() for run in arm_runs]
-    return Analysis(used, references, results, notes + config_notes(arms))
+    return Analysis(used, references, results, notes + config_notes(arms), versus)
 
 
 def task_cards(runs: list[ArrivalRun]) -> dict[str, dict[str, Any]]:
@@ -409,7 +441,8 @@ LEGEND = (
     "its majority class).")
 TESTS_NOTE = (
     "Pooled over the pairs arriving at stage >= 2. Wilcoxon signed-rank (two-sided, against 0) is the primary "
-    "test, Holm-adjusted across every row of this table (arms x levels x metrics); the one-sample t-test is "
+    "test, Holm-adjusted across every row of this table (arms x levels x metrics) and of the arm-against-arm "
+    "table; the one-sample t-test is "
     "beside it. Task-level p: each task's gains averaged over seeds, then Wilcoxon over the task means (a task "
     "counts once: the random-effects view). 95% CI: percentile cluster bootstrap over tasks (10,000 "
     "resamples of the tasks with replacement, every seed of a drawn task kept; seeded). SD: of the pairs "
@@ -431,6 +464,14 @@ def pooled_table(results: list[ArmResult]) -> str:
     return report.md_table(["level", "arm", "metric", "n pairs", "n tasks", "mean gain", "SD", "95% CI",
                             "Wilcoxon p", "Holm p", "t-test p", "task-level p", "detectable",
                             f"pairs for {TARGET_GAIN:g} points"], rows)
+
+
+def versus_table(versus: list[Versus]) -> str:
+    rows = [[level_label(v.eval_labels), v.arm, v.against, v.metric, str(p.n_pairs), str(p.n_tasks), _num(p.mean),
+             _ci(p.low, p.high), report._p_cell(p.wilcoxon_p), report._p_cell(p.holm_p), report._p_cell(p.ttest_p),
+             report._p_cell(p.task_level_p)] for v in versus for p in [v.pooled]]
+    return report.md_table(["level", "arm", "against", "metric", "n pairs", "n tasks", "mean difference", "95% CI",
+                            "Wilcoxon p", "Holm p", "t-test p", "task-level p"], rows)
 
 
 def _stage_table(results: list[ArmResult], field: str) -> str:
@@ -485,6 +526,11 @@ def report_markdown(analysis: Analysis) -> str:
              f"{len(analysis.runs)} runs, {len(arms)} arms ({_md_list(arms)}); seeds {seeds}.", "", LEGEND, ""]
     parts += [f"- note: {report._md(note)}" for note in analysis.notes] + ([""] if analysis.notes else [])
     parts += ["## Arrival gain, arrival stages >= 2 pooled", "", TESTS_NOTE, "", pooled_table(analysis.results), ""]
+    if analysis.versus:
+        parts += ["## Arm against arm, arrival stages >= 2 pooled", "",
+                  "Each arm's score minus the first stage-wise arm's score of the same (task, seed): the arm's "
+                  "base against that arm's base for the same arriving task. Tests and CI as above; Holm in one "
+                  "family with the table above.", "", versus_table(analysis.versus), ""]
     sections = list(_sections(analysis))
     for level, metric, results in sections:
         parts += [f"## Arrival gain by arrival stage: {metric}, {level_label(level)}", "",
@@ -557,7 +603,8 @@ def analysis_json(analysis: Analysis) -> dict[str, Any]:
                       if run.results_path in analysis.references else None} for run in analysis.runs],
             "notes": analysis.notes,
             "tasks": task_cards(analysis.runs),
-            "results": [dataclasses.asdict(r) for r in analysis.results]}
+            "results": [dataclasses.asdict(r) for r in analysis.results],
+            "versus": [dataclasses.asdict(v) for v in analysis.versus]}
 
 
 def write_report(runs: list[ArrivalRun], out: Path, notes: Iterable[str] = ()) -> list[Path]:

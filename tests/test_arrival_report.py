@@ -191,10 +191,28 @@ def test_pooled_gain_tests_match_scipy_and_holm_runs_across_the_report(written):
                     (scipy_stats.t.ppf(0.975, len(gains) - 1) + scipy_stats.t.ppf(0.8, len(gains) - 1))
                     * np.std(gains, ddof=1) / np.sqrt(len(gains)))
                 assert pooled["pairs_needed"] == stats.pairs_needed(np.std(gains, ddof=1), 2.0)
-    primary = [r["pooled"]["wilcoxon_p"] for r in numbers["results"]]
-    assert len(primary) == 4 * 2 * 2
-    assert [r["pooled"]["holm_p"] for r in numbers["results"]] == pytest.approx(stats.holm(primary))
+    primary = [r["pooled"]["wilcoxon_p"] for r in numbers["results"] + numbers["versus"]]
+    assert len(primary) == 4 * 2 * 2 + 3 * 2 * 2
+    adjusted = [r["pooled"]["holm_p"] for r in numbers["results"] + numbers["versus"]]
+    assert adjusted == pytest.approx(stats.holm(primary))  # one family: gains and arm against arm
     assert numbers["results"][0]["pooled"]["holm_p"] > numbers["results"][0]["pooled"]["wilcoxon_p"]
+
+
+def test_each_arm_is_compared_with_the_first_stage_wise_arm_on_the_same_pairs(written):
+    out, numbers = written
+    versus = {(v["arm"], v["eval_labels"], v["metric"]): v for v in numbers["versus"]}
+    assert {v["against"] for v in versus.values()} == {ARMS["mean"]}
+    for arm in ("ties", "mae20", "random"):
+        for level in LEVELS:
+            for metric in ("accuracy", "auc"):
+                mine = {(t, seed): g for t, seed, _, g in expected(arm, level, metric, stages=(2, 3))}
+                first = {(t, seed): g for t, seed, _, g in expected("mean", level, metric, stages=(2, 3))}
+                differences = [mine[key] - first[key] for key in sorted(mine) if key in first]
+                pooled = versus[ARMS[arm], level, metric]["pooled"]
+                assert pooled["n_pairs"] == len(differences) > 0
+                assert pooled["mean"] == pytest.approx(np.mean(differences))
+                assert pooled["wilcoxon_p"] == pytest.approx(scipy_stats.wilcoxon(differences).pvalue)
+    assert "## Arm against arm" in (out / "report.md").read_text()
 
 
 def test_per_task_absolute_unseen_and_held_out(written):
