@@ -130,6 +130,7 @@ def test_arrival_runs_train_each_task_once_and_score_the_tasks_still_to_come(run
     ({"strategy": "fedavg"}, "'strategy' = 'fedavg': schedule = 'arrival'"),
     ({"num_stages": 5}, "'num-stages' = 5: x clients-per-stage = 5 arrivals, more than the 4 training datasets"),
     ({"archive_share": 0.2}, "'archive-share' = 0.2: the 'archive' corpus entry and archive-share > 0 go together"),
+    ({"schedule": "weekly"}, "'schedule' = 'weekly': must be one of ('every-stage', 'arrival')"),
 ])
 def test_arrival_settings_that_cannot_work_are_refused_in_one_line(run_config, overrides, message):
     with pytest.raises(ConfigError) as err:

@@ -48,9 +48,9 @@ def test_four_nodes_three_stages(superlink, data_root):
 
 def test_a_bad_run_config_fails_the_run_with_a_clear_reason(superlink, data_root):
     env, cwd = superlink
-    run_id, output = flwr_run(env, f"num-stages=0 data-root='{data_root}'", "num-supernodes=2")
+    run_id, output = flwr_run(env, f"num-stages=-1 data-root='{data_root}'", "num-supernodes=2")
     assert run_status(env, run_id).startswith("finished:failed")
-    assert "'num-stages' = 0: must be >= 1" in output
+    assert "'num-stages' = -1: must be >= 0" in output
     assert not (cwd / "outputs").exists()
 
 

@@ -90,13 +90,13 @@ def test_bad_overrides_fail_before_anything_runs(override, message, tmp_path):
 def test_sweep_runs_jobs_writes_a_summary_and_leaves_no_process(tmp_path, data_root):
     sweep_dir = tmp_path / "sweep"
     result = run_cli(
-        "--multirun", "num_stages=0,1",  # job 0 is invalid (fails before any process starts), job 1 runs
+        "--multirun", "num_stages=-1,1",  # job 0 is invalid (fails before any process starts), job 1 runs
         "local_epochs=1", "probe_epochs=2", "clients_per_stage=2", "pretrain=none",
         "federation.num_supernodes=2", "datasets=[ct-tissue,histology-stain]", f"data_root={data_root}",
         f"hydra.sweep.dir={sweep_dir}",
     )
     assert result.returncode != 0 and "1 of 2 jobs failed" in result.stderr
-    assert "'num-stages' = 0: must be >= 1" in (sweep_dir / "0" / "FAILED").read_text()
+    assert "'num-stages' = -1: must be >= 0" in (sweep_dir / "0" / "FAILED").read_text()
     assert (sweep_dir / "1" / "results.json").is_file() and (sweep_dir / "1" / "accuracy_gain.png").is_file()
     rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))
     assert [row["status"] for row in rows] == ["failed", "completed"]
