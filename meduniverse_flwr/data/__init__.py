@@ -216,7 +216,8 @@ def _shard_seed(seed: int, dataset: str, split: str) -> int:
 
 
 def stratify_by(labels: np.ndarray) -> np.ndarray:
-    """One class per example for label-skew partitioning (multilabel: its first positive label)."""
+    """One class per example, for label-skew partitioning and stratified scoring labels (multilabel: its first
+    positive label)."""
     if labels.shape[1] == 1:
         return labels[:, 0]
     return np.where(labels.any(axis=1), labels.argmax(axis=1), labels.shape[1])
