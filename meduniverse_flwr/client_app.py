@@ -5,8 +5,10 @@
 ``evaluate`` -> score the received base for the local task (``eval-mode``: linear probe or fine-tune)
 
 What a node keeps between messages (in ``context.state``, which Flower keeps per run and node)
-depends on the strategy (``STRATEGIES[...].node_keeps``): nothing, its own head (``fedavg``,
-FedPer-style) or its own backbone and head (``local``, which is also scored on its own backbone).
+is a fact of the strategy that travels in each message (``node-keeps``): nothing, its own head
+(``fedavg``, FedPer-style) or its own backbone and head (``local``, which is also scored on its
+own backbone). So is a strategy's term in the training loss (``node-term``: FedProx's). No
+server code is imported here.
 
 A node reads from the run config only where its data are (``config.NODE_DATA_KEYS``) and, in
 experiments on robust aggregation, whether it is hostile (``config.NODE_ATTACK_KEYS``);
@@ -28,7 +30,6 @@ from .data import NodeTask, load_node_task, options_from
 from .data.partition import node_dataset
 from .messages import Instructions, pack, record, unpack_torch
 from .model import split_state
-from .strategy import STRATEGIES
 from .task import evaluate_base, train_on_task
 
 app = ClientApp()
@@ -83,12 +84,10 @@ def query(message: Message, context: Context) -> Message:
 def train(message: Message, context: Context) -> Message:
     sent = instructions(message)
     task = node_task(context, sent.image_size)
-    keeps = STRATEGIES[sent.strategy].node_keeps
+    keeps = sent.node_keeps
     state = kept_state(context, keeps, unpack_torch(_record(message, "arrays", ArrayRecord), sent.transport_dtype))
     backbone, head, metrics = train_on_task(sent.model, sent.image_size, task, state, sent.train_settings(),
                                             validate=sent.node_metrics)
-    if sent.dp == "example":  # the training loss is a noiseless function of the examples DP-SGD protects
-        del metrics["train-loss"]
     attack = read_keys(context.run_config, NODE_ATTACK_KEYS)
     if is_hostile(context.node_config, attack["attack_nodes"]):
         backbone = poisoned(split_state(state)[0], backbone, attack["attack_factor"])
@@ -103,7 +102,7 @@ def evaluate(message: Message, context: Context) -> Message:
     sent = instructions(message)
     task = node_task(context, sent.image_size)
     backbone = unpack_torch(_record(message, "arrays", ArrayRecord), sent.transport_dtype)
-    if STRATEGIES[sent.strategy].node_keeps == "model":  # scored on its own backbone, once it has one
+    if sent.node_keeps == "model":  # scored on its own backbone, once it has one
         backbone = kept_state(context, "model", backbone)
     metrics = evaluate_base(sent.model, sent.image_size, task, backbone, sent.eval_mode, sent.train_settings())
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)

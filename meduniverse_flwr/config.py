@@ -3,9 +3,10 @@
 ``[tool.flwr.app.config]`` in pyproject.toml is the one declaration of every
 key and its default; Flower merges it into every run's config. ``RunConfig``
 declares each key's *type* (a field per key, no defaults) and its check.
-Choices are read from the registries that implement them (strategies,
-aggregation rules, pretraining methods, data sources, evaluation protocols,
-...), so adding a variant never touches this file.
+Choices and cross-key rules are read from the registries (``registry``: every
+variant with its facts, e.g. the DP levels a strategy supports), so adding a
+variant never touches this file. A leaf: importing it imports no torch, timm or
+flwr, so checking a config costs nothing.
 
 Two readers: the ServerApp builds the whole ``RunConfig`` (every check,
 server-side paths included) before any node is contacted; a node reads only
@@ -17,12 +18,16 @@ one line naming the key.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from . import registry
+from .aggregation import RULES
+from .schedule import SCHEDULES
+from .transport import TRANSPORT_DTYPES
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -47,6 +52,7 @@ class RunConfig:
     """One field per declared key (``-`` becomes ``_``); the defaults live in pyproject.toml only."""
 
     strategy: str
+    proximal_mu: float
     schedule: str
     num_stages: int
     clients_per_stage: int
@@ -130,29 +136,25 @@ class RunConfig:
             if not ok:
                 raise ConfigError(f"run config: '{key}' = {getattr(self, key.replace('-', '_'))!r}: {why}")
 
-        from .pretrain import METHODS
-
         check(1 <= self.min_replies <= self.clients_per_stage, "min-replies", "must be in 1..clients-per-stage")
         check(not self.resume_from or (Path(self.resume_from).expanduser() / "results.json").is_file(),
               "resume-from", "must be a run directory holding results.json")
-        if self.pretrain in METHODS:
+        if self.pretrain in registry.PRETRAIN_METHODS:
             check(self.pretrain_epochs >= 1, "pretrain-epochs", f"must be >= 1 with pretrain = '{self.pretrain}'")
         elif self.pretrain != "none":
             check(Path(self.pretrain).expanduser().is_file(), "pretrain",
-                  f"must be one of {('none', *METHODS)} or an existing checkpoint file")
+                  f"must be one of {('none', *registry.PRETRAIN_METHODS)} or an existing checkpoint file")
         output_dir = Path(self.output_dir).expanduser()
         check(not output_dir.exists() or output_dir.is_dir(), "output-dir", "exists and is not a directory")
+        strategy = registry.STRATEGIES[self.strategy]
+        check(self.dp in strategy.dp_levels, "dp", f"strategy '{self.strategy}' supports dp in {strategy.dp_levels}")
+        check(self.schedule in strategy.schedules, "schedule",
+              f"strategy '{self.strategy}' supports schedule in {strategy.schedules}")
         if self.dp == "site":  # the noise is calibrated to one site moving an unweighted mean by clip / K
             check(self.aggregation == "mean", "aggregation", "dp = 'site' needs aggregation = 'mean'")
-            check(self.strategy in ("stagewise", "fedavg"), "strategy", "dp = 'site' noises an aggregate of "
-                  "updates: use stagewise or fedavg")
         if self.dp == "example":
             check(not self.compile, "compile", "not with dp = 'example' (Opacus' per-example hooks)")
-            check(self.strategy != "centralized", "strategy", "centralized trains on the server; dp = 'example' "
-                  "protects what sites send")
         if self.schedule == "arrival":
-            check(self.strategy == "stagewise", "strategy", "schedule = 'arrival' sends each new task the "
-                  "stage-wise base: use stagewise")
             check(self.num_stages * self.clients_per_stage <= len(self.training_datasets), "num-stages",
                   f"x clients-per-stage = {self.num_stages * self.clients_per_stage} arrivals, more than the "
                   f"{len(self.training_datasets)} training datasets (schedule = 'arrival' trains each task once)")
@@ -165,9 +167,15 @@ class RunConfig:
     @property
     def dataset_names(self) -> tuple[str, ...]:
         """Task names of the ``datasets`` entries (``medmnist:/x/pneumoniamnist.npz`` -> pneumoniamnist)."""
-        from .data import dataset_name
+        try:
+            return tuple(registry.dataset_name(entry, self.data) for entry in self.datasets)
+        except registry.UnknownSource as err:
+            raise ConfigError(f"run config: 'datasets': {err}") from None
 
-        return tuple(dataset_name(entry, self.data) for entry in self.datasets)
+    @property
+    def evaluate_epochs(self) -> int:
+        """The training epochs of the evaluation protocol (``eval-mode``): the key it declares."""
+        return getattr(self, registry.EVAL_PROTOCOLS[self.eval_mode].epochs_key.replace("-", "_"))
 
     @property
     def training_datasets(self) -> tuple[str, ...]:
@@ -195,39 +203,35 @@ def _at_least(bound: float) -> Check:
     return _rule(lambda value: value >= bound, f"must be >= {bound:g}")
 
 
-def _one_of(module: str, registry: str) -> Check:
-    """A choice among a registry's keys; imported when checked, since every registry imports config."""
-    def check(value: Any) -> str | None:
-        choices = getattr(importlib.import_module(f"meduniverse_flwr.{module}"), registry)
-        return None if value in choices else f"must be one of {tuple(choices)}"
-
-    return check
+def _one_of(choices: Iterable[str]) -> Check:
+    return _rule(lambda value: value in choices, f"must be one of {tuple(choices)}")
 
 
 # Each key's own check. Keys without one only need the right type.
 CHECKS: dict[str, Check] = {
-    "strategy": _one_of("strategy", "STRATEGIES"),
-    "schedule": _one_of("schedule", "SCHEDULES"),
+    "strategy": _one_of(registry.STRATEGIES),
+    "proximal-mu": _at_least(0),
+    "schedule": _one_of(SCHEDULES),
     "num-stages": _at_least(0),
     "clients-per-stage": _at_least(1),
     "local-epochs": _at_least(1),
-    "model": _one_of("model", "MODELS"),
+    "model": _one_of(registry.MODELS),
     "image-size": _at_least(8),
-    "data": _one_of("data", "SOURCES"),
+    "data": _one_of(registry.SOURCES),
     "datasets": _rule(lambda value: len(value) >= 1, "must name at least one dataset"),
-    "partition": _one_of("data", "PARTITIONS"),
+    "partition": _one_of(registry.PARTITIONS),
     "dirichlet-alpha": _rule(lambda value: value > 0, "must be > 0"),
-    "aggregation": _one_of("aggregation", "RULES"),
+    "aggregation": _one_of(RULES),
     "trim-fraction": _rule(lambda value: 0.0 <= value < 0.5, "must be in [0, 0.5)"),
     "server-mix": _rule(lambda value: 0.0 < value <= 1.0, "must be in (0, 1]"),
     "merge-density": _rule(lambda value: 0.0 < value <= 1.0, "must be in (0, 1] (the share of each task vector kept)"),
     "archive-share": _rule(lambda value: 0.0 <= value <= 0.9, "must be in [0, 0.9]"),
     "pretrain-epochs": _at_least(0),
-    "eval-mode": _one_of("task", "EVAL_PROTOCOLS"),
+    "eval-mode": _one_of(registry.EVAL_PROTOCOLS),
     "eval-epochs": _at_least(1),
     "eval-labels": _at_least(0),
     "probe-epochs": _at_least(1),
-    "eval-split": _one_of("task", "EVAL_SPLITS"),
+    "eval-split": _one_of(registry.EVAL_SPLITS),
     "batch-size": _at_least(1),
     "lr": _rule(lambda value: value > 0, "must be > 0"),
     "weight-decay": _at_least(0),
@@ -236,15 +240,15 @@ CHECKS: dict[str, Check] = {
     "oversample": _rule(lambda value: value >= 1.0, "must be >= 1 (ask at least K nodes)"),
     "min-replies": _at_least(1),
     "max-update-ratio": _rule(lambda value: value > 0, "must be > 0"),
-    "on-excess-update": _one_of("validation", "ON_EXCESS"),
-    "dp": _one_of("privacy", "DP_LEVELS"),
+    "on-excess-update": _one_of(registry.ON_EXCESS),
+    "dp": _one_of(registry.DP_LEVELS),
     "dp-clip-norm": _rule(lambda value: value > 0, "must be > 0"),
     "dp-noise-multiplier": _rule(lambda value: value > 0, "must be > 0 (dp = 'off' for no noise)"),
     "dp-delta": _rule(lambda value: 0.0 < value < 1.0, "must be in (0, 1)"),
     "attack-nodes": _at_least(0),
-    "tracker": _one_of("tracking", "TRACKERS"),
-    "transport-dtype": _one_of("transport", "TRANSPORT_DTYPES"),
-    "device": _one_of("task", "DEVICES"),
+    "tracker": _one_of(registry.TRACKERS),
+    "transport-dtype": _one_of(TRANSPORT_DTYPES),
+    "device": _one_of(registry.DEVICES),
 }
 
 

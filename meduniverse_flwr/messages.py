@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from .config import ConfigError, read_keys
+from . import registry
+from .config import ConfigError, RunConfig, read_keys
 from .privacy import DPSGD
 from .task import TrainSettings, resolve_device
 from .transport import TRANSPORT_DTYPES, decode, encode
@@ -131,8 +132,10 @@ def unpack_torch(record: ArrayRecord, transport_dtype: str) -> dict[str, torch.T
 class Instructions:
     """Everything a node needs for one message besides its data, sent in the message's ``config`` record.
 
-    Keys are the run-config names (and checks) of the same settings; ``epochs`` is the local
-    epochs of a train message, or the probe / fine-tune epochs of an evaluate message.
+    Keys are the run-config names (and checks) of the same settings, except three a message
+    alone carries: ``epochs`` (the local epochs of a train message, or the evaluation protocol's
+    epochs of an evaluate message), and the strategy's facts the node acts on, ``node-keeps`` and
+    ``node-term`` (``registry.StrategyEntry``), followed by the term's own keys.
     """
 
     model: str
@@ -150,27 +153,58 @@ class Instructions:
     eval_labels: int
     node_metrics: bool
     compile: bool
-    strategy: str  # what the node keeps between messages (``strategy.STRATEGIES[...].node_keeps``)
+    node_keeps: str  # what the node keeps between messages: nothing, its head, or its model
+    node_term: str  # a registry.NODE_TERMS entry added to its training loss ("" for none)
+    term_settings: tuple[tuple[str, float], ...]  # the term's run-config keys and values
     dp: str  # "example": the node fine-tunes with DP-SGD (privacy.py)
     dp_clip_norm: float
     dp_noise_multiplier: float
     dp_secure_noise: bool
 
+    @classmethod
+    def for_run(cls, config: RunConfig, epochs: int) -> "Instructions":
+        """A run's instructions, for messages that train ``epochs`` epochs."""
+        entry = registry.STRATEGIES[config.strategy]
+        term_keys = registry.NODE_TERMS[entry.node_term].keys if entry.node_term else ()
+        settings = config.to_run_config()
+        return cls(model=config.model, image_size=config.image_size, transport_dtype=config.transport_dtype,
+                   device=config.device, epochs=epochs, lr=config.lr, weight_decay=config.weight_decay,
+                   batch_size=config.batch_size, seed=config.seed, eval_mode=config.eval_mode,
+                   layer_decay=config.layer_decay, eval_split=config.eval_split, eval_labels=config.eval_labels,
+                   node_metrics=config.node_metrics, compile=config.compile, node_keeps=entry.node_keeps,
+                   node_term=entry.node_term, term_settings=tuple((key, settings[key]) for key in term_keys),
+                   dp=config.dp, dp_clip_norm=config.dp_clip_norm, dp_noise_multiplier=config.dp_noise_multiplier,
+                   dp_secure_noise=config.dp_secure_noise)
+
     def to_record(self) -> ConfigRecord:
-        return ConfigRecord({f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)})
+        plain = {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name != "term_settings"}
+        return ConfigRecord({**plain, **dict(self.term_settings)})
 
     @classmethod
     def from_record(cls, record: Mapping[str, object]) -> "Instructions":
         """Read and check a message's ``config`` record; ConfigError (one line) names a bad key."""
-        values = read_keys(record, [f.name.replace("_", "-") for f in dataclasses.fields(cls) if f.name != "epochs"])
+        own = ("epochs", "node-keeps", "node-term", "term-settings")
+        values = read_keys(record, [f.name.replace("_", "-") for f in dataclasses.fields(cls)
+                                    if f.name.replace("_", "-") not in own])
         epochs = record.get("epochs")
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"message config: 'epochs' = {epochs!r}: must be an integer >= 1")
-        return cls(epochs=epochs, **values)
+        node_keeps, node_term = record.get("node-keeps"), record.get("node-term")
+        if node_keeps not in registry.NODE_KEEPS:
+            raise ConfigError(f"message config: 'node-keeps' = {node_keeps!r}: must be one of {registry.NODE_KEEPS}")
+        if node_term != "" and node_term not in registry.NODE_TERMS:
+            raise ConfigError(f"message config: 'node-term' = {node_term!r}: must be '' or one of "
+                              f"{tuple(registry.NODE_TERMS)}")
+        term_keys = registry.NODE_TERMS[node_term].keys if node_term else ()
+        term = read_keys(record, term_keys)
+        return cls(epochs=epochs, node_keeps=node_keeps, node_term=node_term,
+                   term_settings=tuple((key, term[key.replace("-", "_")]) for key in term_keys), **values)
 
     def train_settings(self) -> TrainSettings:
+        """The node's training settings; its one ``dp`` decision: DP-SGD or not."""
         dp_sgd = (DPSGD(self.dp_clip_norm, self.dp_noise_multiplier, self.dp_secure_noise)
                   if self.dp == "example" else None)
         return TrainSettings(self.epochs, self.lr, self.weight_decay, self.batch_size, self.seed,
                              resolve_device(self.device), self.compile, self.layer_decay, self.eval_split, dp_sgd,
-                             self.eval_labels)
+                             self.eval_labels, self.node_term, self.term_settings)

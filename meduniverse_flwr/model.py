@@ -9,7 +9,6 @@ part the server aggregates, checkpoints, and that loads strictly into
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,24 +16,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer
 
+from .files import write_atomic
+from .registry import MODELS  # the backbones by name, with their widths and depths
+
 HEAD_PREFIX = "head."
-
-
-@dataclass(frozen=True)
-class ViTSpec:
-    embed_dim: int
-    depth: int
-    num_heads: int
-
-
-# tiny / small / base have the widths and depths of timm's vit_*_patch16_224;
-# micro is this project's CPU default for 28 px (~0.7 M parameters).
-MODELS: dict[str, ViTSpec] = {
-    "vit-micro": ViTSpec(96, 6, 3),
-    "vit-tiny": ViTSpec(192, 12, 3),
-    "vit-small": ViTSpec(384, 12, 6),
-    "vit-base": ViTSpec(768, 12, 12),  # the paper's scale
-}
+# load_state_dict would silently cast any dtype; float8 and integers are no weights we write
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def default_patch_size(image_size: int) -> int:
@@ -107,11 +94,9 @@ def merge_state(backbone: dict[str, torch.Tensor], head: dict[str, torch.Tensor]
 
 
 def save_backbone(path: Path, backbone: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a backbone as safetensors, atomically (write then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in backbone.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    """Write a backbone as safetensors, atomically."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in backbone.items()}
+    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_backbone(path: Path, model: torch.nn.Module) -> None:
@@ -120,24 +105,42 @@ def load_backbone(path: Path, model: torch.nn.Module) -> None:
     The file may come from anywhere (a user's ``pretrain`` path, a shared cache):
     names, shapes, dtypes and values are all checked before anything is loaded.
     """
+    expected = {k: (v.shape, None) for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIX)}
+    state = read_tensors(path, expected, "checkpoint", floats_only=True)
+    model.load_state_dict(state, strict=False)  # complete for the backbone, checked above
+
+
+def read_tensors(path: Path, expected: dict[str, tuple[torch.Size, torch.dtype | None]], what: str,
+                 floats_only: bool = False) -> dict[str, torch.Tensor]:
+    """An untrusted safetensors file that passes ``tensors_problem``; else a one-line ``ValueError``
+    starting ``<what> <path>:``."""
     try:
-        state = load_file(str(path))
+        tensors = load_file(str(path))
     except (OSError, SafetensorError) as err:
-        raise ValueError(f"checkpoint {path}: cannot read ({err})") from None
-    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIX)}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k} {tuple(state[k].shape)} != {tuple(s)}" for k, s in expected.items() if k in state and state[k].shape != s]
+        raise ValueError(f"{what} {path}: cannot read ({err})") from None
+    problem = tensors_problem(tensors, expected, floats_only)
+    if problem:
+        raise ValueError(f"{what} {path}: {problem}")
+    return tensors
+
+
+def tensors_problem(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[torch.Size, torch.dtype | None]],
+                    floats_only: bool = False) -> str:
+    """What is wrong with ``tensors``, naming the first few ("" if nothing). Right is: exactly the
+    names of ``expected``, each with its shape and dtype (None: any; with ``floats_only``, any of
+    FLOAT_DTYPES), every value finite."""
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    wrong = [f"{k} {tuple(t.shape)} {t.dtype} != {tuple(shape)} {dtype or ''}".rstrip()
+             for k, t in tensors.items() if k in expected for shape, dtype in [expected[k]]
+             if t.shape != shape or dtype not in (None, t.dtype)]
     if missing or unexpected or wrong:
         parts = [f"missing {missing[:3]}" * bool(missing), f"unexpected {unexpected[:3]}" * bool(unexpected),
-                 f"shape {wrong[:3]}" * bool(wrong)]
-        raise ValueError(f"checkpoint {path}: does not fit the model: {'; '.join(p for p in parts if p)}")
-    # load_state_dict would silently cast any dtype; float8 and integers are no weights we write
-    floats = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-    not_float = [f"{k} {v.dtype}" for k, v in state.items() if v.dtype not in floats]
+                 f"shape/dtype {wrong[:3]}" * bool(wrong)]
+        return f"does not fit the model: {'; '.join(p for p in parts if p)}"
+    not_float = [f"{k} {t.dtype}" for k, t in tensors.items() if floats_only and t.dtype not in FLOAT_DTYPES]
     if not_float:
-        raise ValueError(f"checkpoint {path}: not float16/bfloat16/float32/float64: {not_float[:3]}")
-    not_finite = [k for k, v in state.items() if not torch.isfinite(v).all()]
+        return f"not float16/bfloat16/float32/float64: {not_float[:3]}"
+    not_finite = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
     if not_finite:
-        raise ValueError(f"checkpoint {path}: non-finite values in {not_finite[:3]}")
-    model.load_state_dict(state, strict=False)  # complete for the backbone, checked above
+        return f"non-finite values in {not_finite[:3]}"
+    return ""

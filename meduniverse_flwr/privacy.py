@@ -31,8 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-# ``dp``: who is protected. "off": nothing beyond images staying on site.
-DP_LEVELS = ("off", "site", "example")
+from .registry import DP_LEVELS
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Run outputs: ``results.json`` (rewritten after every stage), stage checkpoints and the gain plot.
+"""Run outputs: ``results.json`` (rewritten after every stage), stage checkpoints and the gain plot
+(drawn by ``plots``).
 
 Layout under ``<output-dir>/<run-name>/`` (``<output-dir>/latest`` points at the newest completed run):
 ``results.json``, ``accuracy_gain.png``, ``checkpoints/stage-<s>.safetensors``.
@@ -10,16 +11,19 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from .files import write_json_atomic
 from .metrics import paired_p_value
 from .model import save_backbone
 from .outcome import StageOutcome
-from .validation import safe_label
+from .plots import plot_accuracy_gain
+from .registry import EVAL_SPLITS
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -62,23 +66,6 @@ def summarize(stages: list[dict[str, Any]]) -> dict[str, Any]:
         p_value = paired_p_value([last["per_task"][t]["accuracy"] for t in tasks],
                                  [base["per_task"][t]["accuracy"] for t in tasks])
     return {"accuracy_gain": gains, "p_value": p_value, "p_value_test": "paired t-test over tasks, final stage vs 0"}
-
-
-def _json_safe(value: Any) -> Any:
-    """NaN / Inf are not JSON: write them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(payload), indent=2, allow_nan=False) + "\n")
-    tmp.replace(path)
 
 
 # Keys a resumed run may change: they do not alter what the finished stages computed.
@@ -157,47 +144,15 @@ class RunOutputs:
         return path
 
 
-def plot_accuracy_gain(stages: list[dict[str, Any]], summary: dict[str, Any], path: Path) -> None:
-    """The paper's Fig. 3: mean accuracy gain over the MIM base (stage 0), per stage, plus each task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = [s["stage"] for s in stages]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for task, base in stages[0]["per_task"].items():
-        ys = [100 * (s["per_task"][task]["accuracy"] - base["accuracy"])
-              if s["per_task"].get(task, {}).get("accuracy") is not None and base["accuracy"] is not None else np.nan
-              for s in stages]
-        style = ":" if base["held_out"] else "-"
-        # names come from nodes: escaped, so that '$' or '\' cannot start mathtext
-        ax.plot(x, ys, style, marker=".", alpha=0.5,
-                label=safe_label(task) + (" (held out)" if base["held_out"] else ""))
-    gains = [np.nan if g is None else 100 * g for g in summary["accuracy_gain"]]
-    ax.bar(x, gains, color="tab:blue", alpha=0.35, label="mean gain (trained tasks)")
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(x)
-    ax.set_xlabel("stage (0 = starting base)")
-    ax.set_ylabel("accuracy gain over stage 0 (points)")
-    p_value = summary["p_value"]
-    ax.set_title("MedUniverse stage-wise gain" + (f"  (final p = {p_value:.3g})" if p_value is not None else ""))
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(path)
-
-
 # ------------------------------------------------------------------ reading results.json back
 MAX_RESULTS_BYTES = 64 * 2**20  # a results.json of thousands of stages is a few MB
 
 
 def read_results(path: Path) -> dict[str, Any]:
     """A ``results.json`` read back (to resume, to summarise, to report), checked as untrusted:
-    the types and ranges of every field that is used, stages numbered 0, 1, ... in order.
-    ValueError with one line naming the file and the field otherwise."""
+    the types and ranges of every field that is used, stages numbered 0, 1, ... in order; each task's
+    scores name their split (``_read_scores``). ValueError with one line naming the file and the field
+    otherwise."""
     try:
         if path.stat().st_size > MAX_RESULTS_BYTES:
             raise ValueError(f"larger than {MAX_RESULTS_BYTES} bytes")
@@ -206,6 +161,16 @@ def read_results(path: Path) -> dict[str, Any]:
     except (OSError, ValueError, RecursionError) as err:
         raise ValueError(f"{path}: not a valid results.json ({_first_line(err)})") from None
     return payload
+
+
+def config_value(results_path: Path, config: dict[str, Any], key: str, default: Any,
+                 ok: Callable[[Any], bool], why: str) -> Any:
+    """``config[key]`` (``default`` when missing) of a checked results.json, for a reader that uses a key
+    ``read_results`` does not check; ValueError (one line, naming the file) when not ``ok``."""
+    value = config.get(key, default)
+    if not ok(value):
+        raise ValueError(f"{results_path}: not a valid results.json (config.{key} = {str(value)[:40]!r}: {why})")
+    return value
 
 
 def _no_constant(name: str) -> None:
@@ -264,6 +229,8 @@ def _check_results(payload: Any) -> None:
     _expect(isinstance(payload, dict), "top level", type(payload).__name__, "must be an object")
     _expect(isinstance(payload.get("config"), dict), "config", payload.get("config"), "must be an object")
     _check_tasks(payload.get("tasks", {}))
+    split = payload["config"].get("eval-split", "test")  # the split every stage's scores are of, unless they say
+    _expect(split in EVAL_SPLITS, "config.eval-split", split, f"must be one of {', '.join(EVAL_SPLITS)}")
     stages = payload.get("stages")
     _expect(isinstance(stages, list), "stages", stages, "must be a list")
     for index, stage in enumerate(stages):
@@ -290,11 +257,28 @@ def _check_results(payload: Any) -> None:
             _check_events(stage.get("privacy_events"), f"{where}.privacy_events")
         per_task = stage.get("per_task")
         _expect(isinstance(per_task, dict), f"{where}.per_task", per_task, "must be an object")
-        for task, scores in per_task.items():
-            at = f"{where}.per_task[{task[:40]!r}]"
-            _expect(isinstance(scores, dict), at, scores, "must be an object")
-            for key in ("accuracy", "auc"):
-                _expect(_is_number(scores.get(key), 0, 1, none=True), f"{at}.{key}", scores.get(key),
-                        "must be a number in [0, 1] or null")
-            _expect(isinstance(scores.get("held_out"), bool), f"{at}.held_out", scores.get("held_out"),
-                    "must be true or false")
+        stage["per_task"] = {task: _read_scores(scores, f"{where}.per_task[{task[:40]!r}]", split)
+                             for task, scores in per_task.items()}
+
+
+def _read_scores(scores: Any, at: str, split: str) -> dict[str, Any]:
+    """One task's scores at one stage, checked, naming the split they are of (``split``, the run's
+    eval-split, when they do not) and, when the file counts them, ``n_scored`` examples. A file from
+    before both were named has ``n_test``: it counted that split's examples, the val split's with
+    ``eval-split = val``."""
+    _expect(isinstance(scores, dict), at, scores, "must be an object")
+    for key in ("accuracy", "auc"):
+        _expect(_is_number(scores.get(key), 0, 1, none=True), f"{at}.{key}", scores.get(key),
+                "must be a number in [0, 1] or null")
+    _expect(isinstance(scores.get("held_out"), bool), f"{at}.held_out", scores.get("held_out"),
+            "must be true or false")
+    read = dict(scores)
+    read.setdefault("split", split)
+    _expect(read["split"] in EVAL_SPLITS, f"{at}.split", read["split"], f"must be one of {', '.join(EVAL_SPLITS)}")
+    old = "n_test" in read and "n_scored" not in read
+    count = "n_test" if old else "n_scored"
+    if count in read:
+        _expect(type(read[count]) is int and read[count] >= 0, f"{at}.{count}", read[count], "must be an integer >= 0")
+    if old:
+        read["n_scored"] = read.pop("n_test")
+    return read

@@ -16,15 +16,16 @@ from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
+from . import registry
 from .config import ConfigError, RunConfig
 from .data import cache_root, options_from
 from .data.corpus import load_corpus
 from .model import create_backbone, load_backbone
-from .pretrain import METHODS, PretrainSettings, pretrain
-from .report import format_table, run_files
+from .pretrain import PretrainSettings, pretrain
+from .run_table import format_table, run_files
 from .results import RunOutputs, stage_entry, summarize
-from .tracking import TRACKERS, Tracker
-from .strategy import STRATEGIES, StageFailed
+from .strategy import StageFailed, build_strategy
+from .tracking import Tracker, open_tracker
 
 app = ServerApp()
 
@@ -35,7 +36,7 @@ def initial_base(config: RunConfig) -> dict[str, torch.Tensor]:
     if config.pretrain == "none":
         torch.manual_seed(config.seed)
         return create_backbone(config.model, config.image_size).state_dict()
-    if config.pretrain in METHODS:
+    if config.pretrain in registry.PRETRAIN_METHODS:
         # held-out domains stay unseen, test splits are never used
         corpus = load_corpus(config.pretrain_corpus or config.training_datasets,
                              options_from(vars(config), config.image_size), archived=config.training_datasets)
@@ -82,7 +83,7 @@ def main(grid: Grid, context: Context) -> None:
     try:
         config = RunConfig.from_run_config(context.run_config)
         outputs, base = open_outputs(config, context.run_id)
-        tracker = TRACKERS[config.tracker](outputs.dir, config.to_run_config(), outputs.dir.name)
+        tracker = open_tracker(config.tracker, outputs.dir, config.to_run_config(), outputs.dir.name)
     except (ConfigError, ValueError, ImportError) as err:
         log(ERROR, "%s", err)
         raise
@@ -96,7 +97,7 @@ def main(grid: Grid, context: Context) -> None:
 def run_stages(grid: Grid, config: RunConfig, outputs: RunOutputs, base: dict[str, torch.Tensor],
                tracker: Tracker) -> None:
     """Stage 0 (or the resumed stage), then every stage: train, checkpoint, evaluate, record."""
-    strategy = STRATEGIES[config.strategy](config)
+    strategy = build_strategy(config)
     strategy.summary()
     if not strategy.query_cards(grid):
         raise RuntimeError("no node answered the task-card query; nothing to train")
@@ -122,8 +123,7 @@ def run_stages(grid: Grid, config: RunConfig, outputs: RunOutputs, base: dict[st
             log(WARNING, "tracker %s: stage %d not logged (%s)", config.tracker, stage, err)
         log(INFO, "stage %d: mean accuracy %s, %.1fs", stage, entry["mean_accuracy"], entry["seconds"])
 
-    for entry in outputs.stages:  # a resumed run goes on from the privacy its stages spent
-        strategy.replay_privacy(entry.get("privacy_events", []))
+    strategy.resume(outputs.stages)  # a resumed run goes on from what its stages spent
     if not outputs.stages:
         finish_stage(0, time.monotonic())
     for stage in range(outputs.stages[-1]["stage"] + 1, config.num_stages + 1):

@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import metrics
+from . import metrics, registry
 from .data import NodeTask, TaskData, stratify_by
 from .data.partition import stratified_subset
 from .model import create_model, embed_dim, merge_state, new_head_state, split_state
 from .privacy import DPSGD, make_private, noise_only_step, poisson_batches
+from .registry import EVAL_PROTOCOLS, EVAL_SPLITS
 
 PROBE_LR = 1e-2  # a linear probe on standardised features tolerates a large step
 WARMUP_FRACTION = 0.05
@@ -40,12 +41,8 @@ class TrainSettings:
     eval_split: str = "test"  # the split the evaluation protocols score on: "test" or "val" (for choosing settings)
     dp_sgd: DPSGD | None = None  # example-level DP of the fine-tuning whose backbone leaves the site (privacy.py)
     eval_labels: int = 0  # labelled train examples the evaluation protocols may use (stratified, seeded); 0 = all
-
-
-EVAL_SPLITS = ("test", "val")
-
-
-DEVICES = ("auto", "cpu", "cuda")
+    node_term: str = ""  # a registry.NODE_TERMS entry added to the site's training loss (e.g. FedProx's)
+    term_settings: tuple[tuple[str, float], ...] = ()  # its run-config keys and values
 
 
 def resolve_device(name: str) -> torch.device:
@@ -140,13 +137,18 @@ def param_groups(model: nn.Module, weight_decay: float, lr: float, layer_decay: 
     return list(groups.values())
 
 
+Term = Callable[[], torch.Tensor]  # a strategy's addition to the loss, e.g. FedProx's proximal term
+
+
 def train_step(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, labels: torch.Tensor,
-               label_kind: str, optimizer: torch.optim.Optimizer, schedule, device: torch.device) -> torch.Tensor:
-    """One optimisation step on a ready batch; returns its loss, detached and left on the device."""
+               label_kind: str, optimizer: torch.optim.Optimizer, schedule, device: torch.device,
+               term: Term | None = None) -> torch.Tensor:
+    """One optimisation step on a ready batch (the task loss plus ``term()``, if any); returns the task
+    loss, detached and left on the device."""
     with autocast(device):
         loss = task_loss(forward(x).float(), labels, label_kind)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss if term is None else loss + term()).backward()
     optimizer.step()
     schedule.step()
     return loss.detach()
@@ -157,9 +159,10 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Ite
     yield from torch.randperm(n, generator=generator).split(batch_size)
 
 
-def fit(model: nn.Module, data: TaskData, label_kind: str, settings: TrainSettings, augment: bool = True) -> float:
-    """Train ``model`` on ``data`` (AdamW with ``param_groups``, warm-up + cosine); returns the mean
-    loss of the last epoch.
+def fit(model: nn.Module, data: TaskData, label_kind: str, settings: TrainSettings, augment: bool = True,
+        term: Term | None = None) -> float:
+    """Train ``model`` on ``data`` (AdamW with ``param_groups``, warm-up + cosine; ``term()`` added to
+    each step's loss); returns the mean task loss of the last epoch.
 
     The data move to the device once, and the loss stays there until the epoch ends: on a GPU
     the loop then never waits for a host copy or a sync. With ``settings.dp_sgd`` the batches are
@@ -171,6 +174,8 @@ def fit(model: nn.Module, data: TaskData, label_kind: str, settings: TrainSettin
     generator = torch.Generator().manual_seed(settings.seed)
     optimizer = torch.optim.AdamW(param_groups(model, settings.weight_decay, settings.lr, settings.layer_decay))
     steps_per_epoch = math.ceil(len(data) / settings.batch_size)
+    if settings.dp_sgd is not None and term is not None:
+        raise ValueError("a loss term on the parameters is invisible to DP-SGD's per-example gradients")
     if settings.dp_sgd is None:
         forward, batches, close = torch.compile(model) if settings.compile else model, shuffled_batches, None
     else:
@@ -191,7 +196,7 @@ def fit(model: nn.Module, data: TaskData, label_kind: str, settings: TrainSettin
                 x = to_input(images[index], device) if images.dtype == torch.uint8 else images[index]
                 if augment:
                     x = random_flip(x, generator)
-                loss = train_step(forward, x, labels[index], label_kind, optimizer, schedule, device)
+                loss = train_step(forward, x, labels[index], label_kind, optimizer, schedule, device, term)
                 total += loss.double() * len(index)  # float64, as exact as a Python float sum
                 seen += len(index)
             epoch_loss = total.item() / seen if seen else float("nan")
@@ -248,20 +253,31 @@ def train_on_task(
     """Fine-tune base + head (``state``) on the node's train split.
 
     Returns the fine-tuned backbone, the head (which stays on the node) and the metrics
-    the server reads: num-examples, train-loss, seconds and, with ``validate``,
-    val-accuracy and val-auc (the site's own score of its fine-tuned model).
+    the server reads: num-examples, train-loss (not under DP-SGD: it is a noiseless function
+    of the examples DP-SGD protects), seconds and, with ``validate``, val-accuracy and val-auc
+    (the site's own score of its fine-tuned model).
     """
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     model = create_model(model_name, image_size, num_classes=task.card.n_classes)
     model.load_state_dict(state, strict=True)
-    metrics = {"num-examples": len(task.train), "train-loss": fit(model, task.train, task.card.label_kind, settings)}
+    term = node_term(model, settings)
+    loss = fit(model, task.train, task.card.label_kind, settings, term=term)
+    metrics = {"num-examples": len(task.train)} | ({} if settings.dp_sgd else {"train-loss": loss})
     if validate:
         val = score(predict(model, task.val.images, settings.batch_size, settings.device), task.val.labels,
                     task.card.label_kind)
         metrics.update({"val-accuracy": val["accuracy"], "val-auc": val["auc"]})
     backbone, head = split_state({k: v.detach().cpu() for k, v in model.state_dict().items()})
     return backbone, head, {**metrics, "seconds": time.perf_counter() - started}
+
+
+def node_term(model: nn.Module, settings: TrainSettings) -> Term | None:
+    """The strategy's term for this model (built on its parameters as received), or None."""
+    if not settings.node_term:
+        return None
+    build = registry.resolve(registry.NODE_TERMS[settings.node_term].target)
+    return build(model, **{key.replace("-", "_"): value for key, value in settings.term_settings})
 
 
 def eval_data(task: NodeTask, eval_split: str) -> TaskData:
@@ -271,7 +287,7 @@ def eval_data(task: NodeTask, eval_split: str) -> TaskData:
     return task.val if eval_split == "val" else task.test
 
 
-def _linear_probe(model_name: str, image_size: int, task: NodeTask, backbone: dict[str, torch.Tensor],
+def probe_score(model_name: str, image_size: int, task: NodeTask, backbone: dict[str, torch.Tensor],
                   settings: TrainSettings) -> dict[str, float]:
     """Frozen backbone, fresh linear head; scored on ``settings.eval_split``."""
     model = create_model(model_name, image_size, num_classes=0)
@@ -280,7 +296,7 @@ def _linear_probe(model_name: str, image_size: int, task: NodeTask, backbone: di
                         task.card.n_classes, settings)
 
 
-def _finetune(model_name: str, image_size: int, task: NodeTask, backbone: dict[str, torch.Tensor],
+def finetune_score(model_name: str, image_size: int, task: NodeTask, backbone: dict[str, torch.Tensor],
               settings: TrainSettings) -> dict[str, float]:
     """The paper's protocol: the whole model fine-tuned from the base with a fresh head; scored on
     ``settings.eval_split``."""
@@ -291,18 +307,6 @@ def _finetune(model_name: str, image_size: int, task: NodeTask, backbone: dict[s
     fit(model, task.train, card.label_kind, settings)
     scored = eval_data(task, settings.eval_split)
     return score(predict(model, scored.images, settings.batch_size, settings.device), scored.labels, card.label_kind)
-
-
-@dataclass(frozen=True)
-class EvalProtocol:
-    run: Callable[[str, int, NodeTask, dict[str, torch.Tensor], TrainSettings], dict[str, float]]
-    epochs_key: str  # the run-config key that holds its training epochs
-
-
-# Evaluation protocols by name (``eval-mode``): how good a base is for one task, scored on the split
-# ``settings.eval_split`` names (``eval-split``: test, or val while choosing epochs / lr).
-EVAL_PROTOCOLS = {"linear-probe": EvalProtocol(_linear_probe, "probe-epochs"),
-                  "finetune": EvalProtocol(_finetune, "eval-epochs")}
 
 
 def scoring_labels(train: TaskData, count: int, seed: int) -> TaskData:
@@ -319,11 +323,11 @@ def evaluate_base(
     """How good ``backbone`` is for this task: a fresh head trained on the train split, scored on the
     ``settings.eval_split`` split (test by default; with val the test split is never read), with
     ``settings.eval_labels`` of the train split's labels (0: all).
-    ``n-test`` is the number of examples scored. Evaluation never uses DP-SGD: nothing trained here
+    ``n-scored`` is the number of examples scored. Evaluation never uses DP-SGD: nothing trained here
     leaves the site, only the scores."""
     settings = dataclasses.replace(settings, dp_sgd=None)
     torch.manual_seed(settings.seed)
     labelled = scoring_labels(task.train, settings.eval_labels, settings.seed)
-    scores = EVAL_PROTOCOLS[eval_mode].run(model_name, image_size, dataclasses.replace(task, train=labelled), backbone,
+    scores = registry.resolve(EVAL_PROTOCOLS[eval_mode].target)(model_name, image_size, dataclasses.replace(task, train=labelled), backbone,
                                            settings)
-    return {**scores, "n-test": len(eval_data(task, settings.eval_split))}
+    return {**scores, "n-scored": len(eval_data(task, settings.eval_split))}

@@ -1,7 +1,7 @@
 """Experiment tracking, opt-in (run-config ``tracker``): every stage of ``results.json`` also goes to
 TensorBoard or MLflow, so a run can be watched while it trains and runs compared side by side.
 
-``TRACKERS[name](run_dir, run_config, run_name)`` returns a tracker with ``log_stage(entry, summary)``
+``open_tracker(name, run_dir, run_config, run_name)`` (the ``registry.TRACKERS`` entry) returns a tracker with ``log_stage(entry, summary)``
 (one item of ``results.json`` ``stages`` and ``results.summarize(stages)``) and ``close()``.
 The libraries are imported inside the factories: ``none`` needs neither.
 
@@ -21,11 +21,11 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from .results import write_json_atomic
+from . import registry
+from .files import write_json_atomic
 
 INSTALL_HINT = "pip install 'meduniverse-flwr[tracking]'"
 DEFAULT_EXPERIMENT = "meduniverse"
@@ -191,8 +191,6 @@ def _resumed_run(client: Any, pointer: dict[str, str] | None, uri: str) -> str |
     return pointer["run_id"]
 
 
-TRACKERS: dict[str, Callable[[Path, dict[str, Any], str], Tracker]] = {
-    "none": no_tracker,
-    "tensorboard": tensorboard_tracker,
-    "mlflow": mlflow_tracker,
-}
+def open_tracker(name: str, run_dir: Path, run_config: dict[str, Any], run_name: str) -> Tracker:
+    """The tracker ``tracker = name`` (``registry.TRACKERS``) for one run directory."""
+    return registry.resolve(registry.TRACKERS[name])(run_dir, run_config, run_name)

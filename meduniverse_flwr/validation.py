@@ -11,7 +11,7 @@ Pure functions on plain values (Mappings, numpy arrays, ``TaskCard``); no Flower
 - ``check_train_reply(base, arrays, metrics, card, *, max_update_ratio, on_excess) -> TrainUpdate``:
   arrays that fit the base, a weight within the node's card, an update no larger than
   ``max_update_ratio`` times the base (rejected or clipped beyond), optional metrics bounded.
-- ``check_eval_reply(metrics, card) -> EvalScore``: accuracy and AUC in [0, 1], n-test as on the card.
+- ``check_eval_reply(metrics, card, split) -> EvalScore``: accuracy and AUC in [0, 1], n-scored as on the card.
 - ``safe_label(text)``: a node-supplied string made safe for a log line or a matplotlib label.
 - ``quote(value)``: any value as a short one-line repr, for reasons.
 
@@ -33,8 +33,9 @@ import numpy as np
 
 from .aggregation import Arrays, array_norm, check_update, clip_update, relative_update_norm
 from .data import TaskCard
-from .bounds import CLASS_RANGE, MAX_CLASSES, MAX_TEXT_LENGTH, is_card_text
+from .bounds import CLASS_RANGE, MAX_TEXT_LENGTH, is_card_text
 from .metrics import LABEL_KINDS
+from .registry import ON_EXCESS
 
 # n-train / n-test / num-examples: past the largest medical image collections (a few million);
 # a larger claim only serves to dominate the example-weighted mean.
@@ -48,8 +49,6 @@ CARD_FIELDS = ("name", "modality", "n-classes", "label-kind", "n-train", "n-test
 # Fields a card may leave out: "classes", the class names in label order (n-classes of them, each
 # bounded as the modality is: they reach log lines and plots too).
 OPTIONAL_CARD_FIELDS = ("classes",)
-# What check_train_reply does with an update larger than max_update_ratio x the base.
-ON_EXCESS = ("reject", "clip")
 # A quoted value in a reason: enough to recognise it, never a flood.
 QUOTE_LENGTH = 40
 # A reason is one log line.
@@ -95,8 +94,8 @@ class EvalScore:
     """An evaluation reply's scores for the node's task."""
 
     accuracy: float
-    auc: float | None  # None: undefined on this node's test split (a class is absent)
-    n_test: int
+    auc: float | None  # None: undefined on the node's scored split (a class is absent)
+    n_scored: int  # examples scored: the card's count of the split asked for
 
 
 def quote(value: object) -> str:
@@ -217,7 +216,7 @@ def check_eval_reply(metrics: Mapping[str, object], card: TaskCard, eval_split: 
     """An evaluation reply from the node with ``card``, scored on its ``eval_split``.
 
     accuracy: a number in [0, 1]; auc: a number in [0, 1], or NaN for "undefined on this split"
-    (a class absent from the node's split), returned as None; n-test: a whole number equal to the
+    (a class absent from the node's split), returned as None; n-scored: a whole number equal to the
     card's count of that split (so a node cannot outweigh others sharing its task).
     """
     _require_record(metrics, "metrics")
@@ -225,8 +224,8 @@ def check_eval_reply(metrics: Mapping[str, object], card: TaskCard, eval_split: 
     auc = metrics.get("auc")
     auc = None if isinstance(auc, float) and math.isnan(auc) else _fraction(auc, "auc")
     expected = card.n_val if eval_split == "val" else card.n_test
-    n_test = _whole_number(metrics.get("n-test"), "n-test", expected, expected)
-    return EvalScore(accuracy, auc, n_test)
+    n_scored = _whole_number(metrics.get("n-scored"), "n-scored", expected, expected)
+    return EvalScore(accuracy, auc, n_scored)
 
 
 def _one_line(text: str) -> str:

@@ -127,7 +127,7 @@ def test_arrival_runs_train_each_task_once_and_score_the_tasks_still_to_come(run
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"strategy": "fedavg"}, "'strategy' = 'fedavg': schedule = 'arrival'"),
+    ({"strategy": "fedavg"}, "'schedule' = 'arrival': strategy 'fedavg' supports schedule in"),
     ({"num_stages": 5}, "'num-stages' = 5: x clients-per-stage = 5 arrivals, more than the 4 training datasets"),
     ({"archive_share": 0.2}, "'archive-share' = 0.2: the 'archive' corpus entry and archive-share > 0 go together"),
     ({"schedule": "weekly"}, "'schedule' = 'weekly': must be one of ('every-stage', 'arrival')"),

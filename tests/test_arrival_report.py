@@ -11,7 +11,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from meduniverse_flwr import arrival_report, report, stats
-from meduniverse_flwr.arrival_report import arm_label, arrival_stages, level_label
+from meduniverse_flwr.arrival_runs import arm_label, arrival_stages, level_label
 from meduniverse_flwr.results import read_results
 
 TASKS = ("a", "b", "c", "d", "e")

@@ -37,7 +37,7 @@ def test_the_readme_table_lists_exactly_the_declared_keys_with_their_defaults():
         ({"num-stages": -1}, "'num-stages' = -1: must be >= 0"),
         ({"server-mix": 1.5}, "'server-mix' = 1.5: must be in"),
         ({"aggregation": "avg"}, "'aggregation' = 'avg': must be one of"),
-        ({"strategy": "fedprox"}, "'strategy' = 'fedprox': must be one of \\('stagewise',"),
+        ({"strategy": "scaffold"}, "'strategy' = 'scaffold': must be one of \\('stagewise',"),
         ({"eval-mode": "probe"}, "'eval-mode'"),
         ({"held-out": "lung"}, "'held-out'.*not among the dataset names"),
         ({"data": "hub"}, "'data' = 'hub': must be one of"),

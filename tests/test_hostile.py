@@ -114,7 +114,7 @@ def test_a_node_claiming_another_task_name_is_refused_with_it(tiny, caplog):
 
 
 @pytest.mark.parametrize("metric, value, missing", [
-    ("n-test", math.inf, True), ("n-test", math.nan, True), ("n-test", 1e12, True), ("accuracy", 1.5, True),
+    ("n-scored", math.inf, True), ("n-scored", math.nan, True), ("n-scored", 1e12, True), ("accuracy", 1.5, True),
     ("auc", 7.0, True), ("accuracy", math.nan, True), ("auc", math.nan, False),
 ])
 def test_a_bad_evaluation_reply_is_a_missing_score_not_a_crash(tiny, tmp_path, metric, value, missing):

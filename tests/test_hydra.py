@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from simulation.experiment import register, to_run_config
 
 from meduniverse_flwr.config import KEYS, RunConfig, read_keys
-from meduniverse_flwr.strategy import STRATEGIES
+from meduniverse_flwr.registry import STRATEGIES
 
 
 def run_cli(*overrides, timeout=900):

@@ -13,13 +13,12 @@ from test_registries import sites, tiny_run  # noqa: F401 (fixture)
 from torch import nn
 
 from meduniverse_flwr import privacy
-from meduniverse_flwr.aggregation import update_norm
+from meduniverse_flwr.aggregation import RunningAggregate, update_norm
 from meduniverse_flwr.config import ConfigError, RunConfig
 from meduniverse_flwr.data import TaskData
 from meduniverse_flwr.results import read_results
-from meduniverse_flwr.strategy import StageWise
+from meduniverse_flwr.server_privacy import server_privacy
 from meduniverse_flwr.task import TrainSettings, fit, shuffled_batches
-from meduniverse_flwr.validation import TrainUpdate
 
 
 def sgd_private(model, dp, batch_size, seed=0):
@@ -44,19 +43,15 @@ def test_dp_sgd_clips_every_example_gradient():
     assert 0.1 < step.norm() * 8 <= 8 * 0.5 * (1 + 1e-5)
 
 
-def test_site_level_fold_clips_every_update_to_the_dp_bound():
-    config = RunConfig.with_defaults(dp="site", aggregation="mean", dp_clip_norm=0.25)
-    strategy = StageWise(config)
+def test_site_level_dp_clips_every_update_to_the_dp_bound_on_its_way_into_the_aggregate():
+    privacy = server_privacy(RunConfig.with_defaults(dp="site", aggregation="mean", dp_clip_norm=0.25))
     base = {"w": np.zeros(1000, np.float32)}
-    strategy._base = base
     for scale in (0.01, 1.0, 100.0):
-        strategy._running = strategy._new_aggregate()
-        update = {"w": np.full(1000, scale, np.float32)}
-        strategy.fold(TrainUpdate(update, num_examples=10, update_ratio=0.0, excess=None, train_loss=None,
-                                   val_accuracy=None, val_auc=None, seconds=None))
-        assert update_norm(base, strategy._running.result()) <= 0.25 * (1 + 1e-6)
-        assert math.isclose(update_norm(base, strategy._running.result()), min(0.25, scale * math.sqrt(1000)),
-                            rel_tol=1e-5)
+        aggregate = privacy.wrap(RunningAggregate("mean"), base, 1, stage=1)
+        aggregate.add({"w": np.full(1000, scale, np.float32)}, 10)
+        clipped = aggregate.inner.result()  # what the noise is then added to
+        assert update_norm(base, clipped) <= 0.25 * (1 + 1e-6)
+        assert math.isclose(update_norm(base, clipped), min(0.25, scale * math.sqrt(1000)), rel_tol=1e-5)
 
 
 def test_site_level_noise_has_the_configured_scale():
@@ -215,7 +210,7 @@ def test_poisson_batches_sample_each_example_at_the_accounted_rate():
 
 @pytest.mark.parametrize("overrides, message", [
     ({"dp": "site"}, "dp = 'site' needs aggregation = 'mean'"),
-    ({"dp": "site", "aggregation": "mean", "strategy": "cyclic"}, "'strategy' = 'cyclic'"),
+    ({"dp": "site", "aggregation": "mean", "strategy": "cyclic"}, "'dp' = 'site': strategy 'cyclic' supports dp in"),
     ({"dp": "example", "compile": True}, "'compile' = True: not with dp = 'example'"),
     ({"dp": "laplace"}, "'dp' = 'laplace': must be one of"),
     ({"dp-noise-multiplier": 0.0}, "'dp-noise-multiplier' = 0.0: must be > 0"),

@@ -127,7 +127,7 @@ def test_eval_split_val_scores_on_val_and_never_reads_test(mode):
     on_test = evaluate_base("vit-micro", 28, node_task(val, test), backbone, mode, settings)
     on_val = evaluate_base("vit-micro", 28, node_task(val, test), backbone, mode,
                            dataclasses.replace(settings, eval_split="val"))
-    assert on_test["n-test"] == 9 and on_val["n-test"] == 12
+    assert on_test["n-scored"] == 9 and on_val["n-scored"] == 12
     assert on_val["loss"] != on_test["loss"]
     # the same numbers as scoring that very split as the test split
     assert on_val == evaluate_base("vit-micro", 28, node_task(test, val), backbone, mode, settings)

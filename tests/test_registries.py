@@ -11,20 +11,23 @@ from flwr.app import Context, RecordDict
 from simulation.inprocess import InProcessGrid
 from test_real_data import write_dicom, write_png
 
-from meduniverse_flwr import aggregation, data, model, pretrain, server_app, strategy, task, transport
+from meduniverse_flwr import aggregation, registry, server_app, transport
 from meduniverse_flwr.client_app import app as client_app
 from meduniverse_flwr.config import ConfigError, RunConfig
 
 REGISTRIES = {
-    "strategy": strategy.STRATEGIES,
+    "strategy": registry.STRATEGIES,
     "aggregation": aggregation.RULES,
-    "eval-mode": task.EVAL_PROTOCOLS,
-    "data": data.SOURCES,
-    "partition": data.PARTITIONS,
-    "model": model.MODELS,
+    "eval-mode": registry.EVAL_PROTOCOLS,
+    "data": registry.SOURCES,
+    "partition": registry.PARTITIONS,
+    "model": registry.MODELS,
     "transport-dtype": transport.TRANSPORT_DTYPES,
-    "device": task.DEVICES,
-    "eval-split": task.EVAL_SPLITS,
+    "device": registry.DEVICES,
+    "eval-split": registry.EVAL_SPLITS,
+    "dp": registry.DP_LEVELS,
+    "tracker": registry.TRACKERS,
+    "on-excess-update": registry.ON_EXCESS,
 }
 
 
@@ -38,9 +41,9 @@ def test_validation_accepts_exactly_the_registered_names(key):
 
 
 def test_pretrain_accepts_the_registered_methods_none_or_a_file():
-    for method in (*pretrain.METHODS, "none"):
+    for method in (*registry.PRETRAIN_METHODS, "none"):
         RunConfig.from_run_config({**default_run_config(), "pretrain": method})
-    with pytest.raises(ConfigError, match=re.escape(f"must be one of {('none', *pretrain.METHODS)}")):
+    with pytest.raises(ConfigError, match=re.escape(f"must be one of {('none', *registry.PRETRAIN_METHODS)}")):
         RunConfig.from_run_config({**default_run_config(), "pretrain": "byol"})
 
 
@@ -85,7 +88,7 @@ def tiny_run(run_config, sites, tmp_path, num_nodes=2, **overrides):
     return results
 
 
-@pytest.mark.parametrize("name", strategy.STRATEGIES)
+@pytest.mark.parametrize("name", registry.STRATEGIES)
 def test_every_strategy_runs(name, run_config, sites, tmp_path):
     tiny_run(run_config, sites, tmp_path, strategy=name)
 
@@ -95,18 +98,18 @@ def test_every_aggregation_rule_runs(name, run_config, sites, tmp_path):
     tiny_run(run_config, sites, tmp_path, aggregation=name)
 
 
-@pytest.mark.parametrize("name", task.EVAL_PROTOCOLS)
+@pytest.mark.parametrize("name", registry.EVAL_PROTOCOLS)
 def test_every_evaluation_protocol_runs(name, run_config, sites, tmp_path):
     tiny_run(run_config, sites, tmp_path, eval_mode=name)
 
 
-@pytest.mark.parametrize("name", data.SOURCES)
+@pytest.mark.parametrize("name", registry.SOURCES)
 def test_every_data_source_runs(name, run_config, sites, tmp_path):
     results = tiny_run(run_config, sites, tmp_path, datasets=",".join(sites[name]))
     assert len(results["stages"][-1]["per_task"]) == 2
 
 
-@pytest.mark.parametrize("name", data.PARTITIONS)
+@pytest.mark.parametrize("name", registry.PARTITIONS)
 def test_every_partition_runs(name, run_config, sites, tmp_path):
     results = tiny_run(run_config, sites, tmp_path, num_nodes=4, partition=name, dirichlet_alpha=100.0)
     assert len(results["stages"][-1]["participants"]) == 4
@@ -117,7 +120,7 @@ def test_every_transport_dtype_runs(name, run_config, sites, tmp_path):
     tiny_run(run_config, sites, tmp_path, transport_dtype=name)
 
 
-@pytest.mark.parametrize("name", pretrain.METHODS)
+@pytest.mark.parametrize("name", registry.PRETRAIN_METHODS)
 def test_every_pretraining_method_runs(name, run_config, sites, tmp_path):
     results = tiny_run(run_config, sites, tmp_path, pretrain=name, pretrain_epochs=1,
                        data_root=str(tmp_path / "cache"))

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from meduniverse_flwr.report import format_table, main
+from meduniverse_flwr.report import main
+from meduniverse_flwr.run_table import format_table
 
 
 def stage(number, pneumonia, blood, derma, train_loss=None, seconds=10.0):
@@ -91,6 +92,9 @@ def test_a_results_json_or_a_hydra_job_directory(tmp_path, capsys):
     (lambda s: s[1].update(train_loss="low"), "stages[1].train_loss"),
     (lambda s: s[1].update(mean_accuracy_held_out=[0.4]), "stages[1].mean_accuracy_held_out"),
     (lambda s: s[0].pop("mean_accuracy"), "stages[0].mean_accuracy"),
+    (lambda s: s[0]["per_task"]["blood"].update(n_scored=-1), "stages[0].per_task['blood'].n_scored"),
+    (lambda s: s[1]["per_task"]["derma"].update(n_test=2.5), "stages[1].per_task['derma'].n_test"),
+    (lambda s: s[2]["per_task"]["pneumonia"].update(split="train"), "stages[2].per_task['pneumonia'].split"),
 ])
 def test_a_tampered_results_json_is_one_line_and_exit_2(tmp_path, capsys, tamper, field):
     stages = json.loads(json.dumps(STAGES))
@@ -140,7 +144,7 @@ def generic_stage(number, scores, held_out=(), seconds=5.0):
 
 def write_job(job, strategy, seed, num_stages=3, held_out=()):
     """A Hydra job directory as simulation.run leaves it: the run in runs/<name>, runs/latest, a copy in the job."""
-    from meduniverse_flwr.results import write_json_atomic
+    from meduniverse_flwr.files import write_json_atomic
 
     stages = [generic_stage(s, {t: accuracy(strategy, seed, s, t) for t in TASKS}, held_out) for s in range(num_stages)]
     payload = {"config": {"strategy": strategy, "seed": seed, "held-out": ",".join(held_out),
@@ -281,7 +285,7 @@ def test_an_unfinished_run_is_left_out_of_the_report(tmp_path, capsys):
 def test_privacy_and_attack_variants_are_groups_with_their_epsilon(tmp_path, capsys):
     """Runs of one strategy that differ in DP or robustness settings are separate groups, named by those
     settings; the final epsilon per group is reported, and epsilon is a column of a run's table."""
-    from meduniverse_flwr.results import write_json_atomic
+    from meduniverse_flwr.files import write_json_atomic
 
     sweep = tmp_path / "sweep"
     settings = [({}, None), ({"dp": "example", "dp-noise-multiplier": 2.0}, 0.5),
@@ -315,3 +319,43 @@ def test_a_run_table_shows_epsilon_when_the_run_has_it():
     stages = [dict(s, epsilon=e, delta=1e-5, privacy_events=[]) for s, e in zip(STAGES, (0.0, 1.25, 2.5))]
     header = [c.strip() for c in format_table(stages).splitlines()[0].split("|")]
     assert header[-1] == "epsilon" and [row[-1] for row in rows(format_table(stages))] == ["0.000", "1.250", "2.500"]
+
+
+def test_an_old_results_json_with_n_test_is_read_as_n_scored_of_its_eval_split(tmp_path, capsys):
+    """Before the split was named, ``n_test`` counted the examples of the run's eval-split: the val
+    split's with ``eval-split = val``. Such a file is read (and reported) as one that names it."""
+    from meduniverse_flwr.files import write_json_atomic
+    from meduniverse_flwr.results import read_results
+
+    old = {split: write_job(tmp_path / f"old-{split}", "stagewise", seed) for seed, split in enumerate(("test", "val"))}
+    payload = json.loads((old["val"] / "results.json").read_text())
+    payload["config"]["eval-split"] = "val"
+    write_json_atomic(old["val"] / "results.json", payload)
+    for split, job in old.items():
+        assert '"n_test": 100' in (job / "results.json").read_text()
+        for entry in read_results(job / "results.json")["stages"]:
+            assert {t: (s["n_scored"], s["split"], "n_test" in s) for t, s in entry["per_task"].items()} == {
+                t: (100, split, False) for t in TASKS}
+    new = json.loads(json.dumps(payload))
+    for entry in new["stages"]:
+        for scores in entry["per_task"].values():
+            scores.update(n_scored=scores.pop("n_test") - 1, split="test")  # the scores name their own split
+    write_json_atomic(tmp_path / "new" / "results.json", new)
+    assert [s["per_task"]["a"] for s in read_results(tmp_path / "new" / "results.json")["stages"]][0] == {
+        "accuracy": accuracy("stagewise", 1, 0, "a"), "auc": None, "n_scored": 99, "split": "test", "held_out": False}
+
+    assert main([str(old["test"]), str(old["val"]), "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().out.count("final vs stage 0, paired t-test") == 2
+    final = md_table((tmp_path / "out" / "report.md").read_text(), "Accuracy at the final stage (2), by strategy")
+    assert final["a"] == [spread([accuracy("stagewise", k, 2, "a") for k in range(2)])]
+
+
+def test_an_eval_split_a_run_cannot_have_is_refused(tmp_path):
+    from meduniverse_flwr.results import read_results
+
+    job = write_job(tmp_path / "job", "stagewise", 0)
+    payload = json.loads((job / "results.json").read_text())
+    payload["config"]["eval-split"] = "train"
+    (job / "results.json").write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="config.eval-split = 'train': must be one of test, val"):
+        read_results(job / "results.json")

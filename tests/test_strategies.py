@@ -18,7 +18,7 @@ from meduniverse_flwr.data import DataOptions, TaskCard, load_node_task
 from meduniverse_flwr.messages import Instructions, pack, unpack
 from meduniverse_flwr.model import create_backbone
 from meduniverse_flwr.pooled import train_pooled
-from meduniverse_flwr.strategy import STRATEGIES
+from meduniverse_flwr.strategy import build_strategy
 from meduniverse_flwr.task import TrainSettings, evaluate_base
 
 FLAGS = ("pneumoniamnist", "bloodmnist", "organamnist")
@@ -86,7 +86,7 @@ def test_fedavg_nodes_train_from_their_own_head(run_config, sites, tmp_path):
     assert not np.array_equal(sent["head.weight"], head_after_stage_1["head.weight"].numpy())  # the server's is fresh
     given_head = {k: v.numpy() for k, v in head_after_stage_1.items()}
     replay = Message(RecordDict({"arrays": pack({**sent, **given_head}, "fp32"), "config": ConfigRecord(
-        {**stage_2.content.config_records["config"], "strategy": "stagewise"})}), dst_node_id=node, message_type="train")
+        {**stage_2.content.config_records["config"], "node-keeps": "nothing"})}), dst_node_id=node, message_type="train")
     replay.metadata.__dict__["_message_id"] = "replay"
     fresh = Context(run_id=1, node_id=node, node_config=grid.contexts[node].node_config, state=RecordDict(),
                     run_config=grid.contexts[node].run_config)
@@ -152,7 +152,8 @@ def test_pooled_training_is_seeded_and_keeps_a_head_per_task(sites, tmp_path):
 @pytest.mark.parametrize("strategy", ["stagewise", "cyclic"])
 def test_node_ids_past_int64_are_sampled_and_visited_as_ids(strategy):
     """Flower's node ids are 64-bit unsigned: a NumPy array of them can become float64."""
-    chosen = STRATEGIES[strategy](RunConfig.with_defaults(datasets="a,b,c", clients_per_stage=2, oversample=1.0))
+    chosen = build_strategy(RunConfig.with_defaults(strategy=strategy, datasets="a,b,c", clients_per_stage=2,
+                                                    oversample=1.0))
     ids = [2**64 - 1, 17, 8920515508404772000]
     chosen.cards = {node: TaskCard(name, "CT", 2, "binary", 10, 5, 5) for node, name in zip(ids, "abc")}
     sampled = chosen.sample_train_nodes(1)

@@ -1,5 +1,6 @@
 """StageWise driving the real ClientApp handlers in-process (no Ray, no SuperLink)."""
 
+import functools
 import json
 import logging
 import re
@@ -20,7 +21,8 @@ from meduniverse_flwr.data import TaskCard
 from meduniverse_flwr.model import create_backbone
 from meduniverse_flwr.results import stage_entry
 from meduniverse_flwr.messages import pack, to_numpy, unpack
-from meduniverse_flwr.strategy import StageFailed, StageWise
+from meduniverse_flwr.registry import STRATEGIES
+from meduniverse_flwr.strategy import StageFailed, StageWise, build_strategy
 
 
 def run_federation(config: dict, num_nodes: int, tamper=None) -> tuple[dict, InProcessGrid]:
@@ -57,7 +59,7 @@ def test_results_follow_the_contract(two_runs):
     assert set(stage1["per_task"]) == {"brain-tissue", "ct-tissue", "fundus-vessel", "histology-stain"}
     for metrics in stage1["per_task"].values():
         assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["auc"] <= 1
-        assert metrics["n_test"] > 0 and metrics["held_out"] is False
+        assert metrics["n_scored"] > 0 and metrics["split"] == "test" and metrics["held_out"] is False
     assert stage1["mean_accuracy"] == pytest.approx(np.mean([m["accuracy"] for m in stage1["per_task"].values()]))
     assert stage1["bytes_up"] > 0 and stage1["bytes_down"] > stage1["bytes_up"]
     assert results["summary"]["accuracy_gain"][0] == 0.0
@@ -188,16 +190,24 @@ def test_an_error_reply_from_the_superlink_counts_for_the_node_it_was_sent_to():
     assert stage.strategy.outcome.rejected == ["node 2: error reply (Node unavailable)"]
 
 
-def test_flowers_own_start_drives_stagewise(run_config):
-    config = run_config(datasets="ct-tissue,histology-stain")
+@pytest.mark.parametrize("name", STRATEGIES)
+def test_flowers_own_start_drives_every_strategy_or_it_says_why_not(name, run_config):
+    config = {**run_config(datasets="ct-tissue,histology-stain"), "strategy": name, "clients-per-stage": 2}
     grid = InProcessGrid(client_app, config, num_nodes=2)
-    strategy = StageWise(RunConfig.from_run_config({**config, "clients-per-stage": 2}))
+    strategy = build_strategy(RunConfig.from_run_config(config))
     base = ArrayRecord(create_backbone("vit-micro", 28).state_dict())
     # Flower's config records override the strategy's instructions key by key
-    result = strategy.start(grid, base, num_rounds=1, train_config=ConfigRecord({"epochs": 1}),
-                            evaluate_config=ConfigRecord({"epochs": 2}))
+    start = functools.partial(strategy.start, grid, base, num_rounds=1, train_config=ConfigRecord({"epochs": 1}),
+                              evaluate_config=ConfigRecord({"epochs": 2}))
+    if name in ("cyclic", "centralized"):
+        with pytest.raises(NotImplementedError, match=f"strategy '{name}' cannot run under Flower's "
+                                                      r"Strategy.start\(\): .*; run it with the MedUniverse ServerApp"):
+            start()
+        return
+    result = start()
     assert set(result.arrays) == set(base)
-    assert not np.array_equal(result.arrays["cls_token"].numpy(), base["cls_token"].numpy())
+    moved = not np.array_equal(result.arrays["cls_token"].numpy(), base["cls_token"].numpy())
+    assert moved == (name != "local")  # local never changes the server's base
     assert set(result.evaluate_metrics_clientapp[1]) == {"ct-tissue/accuracy", "histology-stain/accuracy"}
 
 
@@ -209,7 +219,7 @@ def test_held_out_tasks_never_train_but_are_evaluated():
     replies = []
     for message, accuracy in zip(evaluate, (0.5, 0.9)):
         message.metadata.__dict__["_message_id"] = str(uuid4())
-        metrics = MetricRecord({"accuracy": accuracy, "auc": 0.7, "n-test": 5, "loss": 1.0})
+        metrics = MetricRecord({"accuracy": accuracy, "auc": 0.7, "n-scored": 5, "loss": 1.0})
         replies.append(Message(RecordDict({"metrics": metrics}), reply_to=message))
     stage.strategy.aggregate_evaluate(1, replies)
     entry = stage_entry(1, stage.strategy.take_outcome(), 1.0)
@@ -221,12 +231,12 @@ def test_a_node_silent_at_evaluation_is_named_and_its_task_reported_missing(capl
     stage = _Stage()
     evaluate = list(stage.strategy.configure_evaluate(1, ArrayRecord(stage.base), ConfigRecord(), grid=None))
     evaluate[0].metadata.__dict__["_message_id"] = str(uuid4())
-    metrics = MetricRecord({"accuracy": 0.5, "auc": 0.7, "n-test": 5, "loss": 1.0})
+    metrics = MetricRecord({"accuracy": 0.5, "auc": 0.7, "n-scored": 5, "loss": 1.0})
     with caplog.at_level(logging.WARNING, logger="flwr"):
         stage.strategy.aggregate_evaluate(1, [Message(RecordDict({"metrics": metrics}), reply_to=evaluate[0])])
     outcome = stage.strategy.take_outcome()
-    assert outcome.per_task["b"] == {"accuracy": None, "auc": None, "n_test": 0, "held_out": False,
-                                     "missing": "node 2: no reply"}
+    assert outcome.per_task["b"] == {"accuracy": None, "auc": None, "n_scored": 0, "split": "test",
+                                     "held_out": False, "missing": "node 2: no reply"}
     assert stage_entry(1, outcome, 1.0)["mean_accuracy"] is None  # not a mean over fewer tasks
     assert "stage 1 evaluation: no reply before the timeout from nodes 2 (b)" in caplog.text
 

@@ -9,7 +9,7 @@ import pytest
 
 from meduniverse_flwr.outcome import NodeReport, StageOutcome
 from meduniverse_flwr.results import RunOutputs, read_results, stage_entry, summarize
-from meduniverse_flwr.tracking import MLFLOW_POINTER, TRACKERS, artifact_root, mlflow_target
+from meduniverse_flwr.tracking import MLFLOW_POINTER, artifact_root, mlflow_target, open_tracker
 
 CONFIG = {"strategy": "stagewise", "num-stages": 2, "lr": 0.001, "node-metrics": True, "resume-from": ""}
 
@@ -41,7 +41,7 @@ def results(tmp_path):
 
 def track(name, run_dir, stages, run_config=CONFIG):
     """Log stage by stage as the ServerApp does: the summary of the stages so far."""
-    tracker = TRACKERS[name](run_dir, run_config, run_dir.name)
+    tracker = open_tracker(name, run_dir, run_config, run_dir.name)
     for i, entry in enumerate(stages):
         tracker.log_stage(entry, summarize(stages[: i + 1]))
     tracker.close()
@@ -148,7 +148,7 @@ def test_a_resumed_run_continues_its_mlflow_run(results, monkeypatch, shared_sto
     run_dir, stages = results
     track("mlflow", run_dir, stages[:2])
     # resume-from and num-stages may change on resume; MLflow keeps a param's first value
-    resumed = TRACKERS["mlflow"](run_dir, {**CONFIG, "num-stages": 3, "resume-from": str(run_dir)}, "ignored")
+    resumed = open_tracker("mlflow", run_dir, {**CONFIG, "num-stages": 3, "resume-from": str(run_dir)}, "ignored")
     resumed.log_stage(stages[2], summarize(stages))
     resumed.close()
     client = MlflowClient(shared_store)
@@ -170,14 +170,14 @@ def test_the_mlflow_target_follows_mlflows_variables(tmp_path):
 def test_a_missing_library_is_one_line_naming_the_extra(tracker, module, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, module, None)  # what an uninstalled package looks like to import
     with pytest.raises(ImportError) as err:
-        TRACKERS[tracker](tmp_path, CONFIG, "run")
+        open_tracker(tracker, tmp_path, CONFIG, "run")
     extra = "pip install 'meduniverse-flwr[tracking]'"
     assert str(err.value) == f"tracker = '{tracker}' needs the {tracker} package: {extra}"
 
 
 def test_none_imports_neither_library(tmp_path):
-    code = ("import sys; from meduniverse_flwr.tracking import TRACKERS; "
-            f"t = TRACKERS['none']({str(tmp_path)!r}, {{}}, 'run'); t.log_stage({{}}, {{}}); t.close(); "
+    code = ("import sys; from meduniverse_flwr.tracking import open_tracker; "
+            f"t = open_tracker('none', {str(tmp_path)!r}, {{}}, 'run'); t.log_stage({{}}, {{}}); t.close(); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'tensorboard') "
             "or m == 'torch.utils.tensorboard'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

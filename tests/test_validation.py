@@ -75,7 +75,7 @@ def rejection(function, *args, **kwargs) -> str:
 CARD = make_card()
 BASE = {"w": np.random.default_rng(0).normal(size=(4, 4)).astype(np.float32),
         "b": np.random.default_rng(1).normal(size=4).astype(np.float32)}
-GOOD_EVAL = {"accuracy": 0.75, "auc": 0.8, "n-test": 20}
+GOOD_EVAL = {"accuracy": 0.75, "auc": 0.8, "n-scored": 20}
 
 
 def train(arrays, metrics=None, *, ratio=0.5, on_excess="reject", base=BASE, card=CARD):
@@ -181,13 +181,13 @@ def test_bad_options_are_programming_errors_not_rejections():
 @pytest.mark.parametrize(
     "metrics, reason",
     [
-        ({"n-test": math.inf}, "n-test is inf, expected 20"),
-        ({"n-test": math.nan}, "n-test is nan, expected 20"),
-        ({"n-test": 1e12}, "n-test is 1000000000000.0, expected 20"),
-        ({"n-test": 21}, "n-test is 21, expected 20"),
-        ({"n-test": 20.5}, "n-test is 20.5"),
-        ({"n-test": "20"}, "n-test is '20'"),
-        ({"n-test": None}, "n-test is None"),
+        ({"n-scored": math.inf}, "n-scored is inf, expected 20"),
+        ({"n-scored": math.nan}, "n-scored is nan, expected 20"),
+        ({"n-scored": 1e12}, "n-scored is 1000000000000.0, expected 20"),
+        ({"n-scored": 21}, "n-scored is 21, expected 20"),
+        ({"n-scored": 20.5}, "n-scored is 20.5"),
+        ({"n-scored": "20"}, "n-scored is '20'"),
+        ({"n-scored": None}, "n-scored is None"),
         ({"auc": 7.0}, "auc is 7.0, expected a number in [0, 1]"),
         ({"auc": math.inf}, "auc is inf"),
         ({"auc": -0.1}, "auc is -0.1"),
@@ -208,8 +208,8 @@ def test_an_undefined_auc_is_none():
 
 
 def test_an_evaluation_reply_in_range_is_scored():
-    score = check_eval_reply({"accuracy": 1, "auc": 0, "n-test": 20.0}, CARD)
-    assert score == EvalScore(1.0, 0.0, 20) and type(score.n_test) is int and type(score.accuracy) is float
+    score = check_eval_reply({"accuracy": 1, "auc": 0, "n-scored": 20.0}, CARD)
+    assert score == EvalScore(1.0, 0.0, 20) and type(score.n_scored) is int and type(score.accuracy) is float
 
 
 # --------------------------------------------------------------------------------- task cards
@@ -654,7 +654,7 @@ def score_is_valid(metrics, n_test) -> bool:
 
     auc = metrics.get("auc")
     return (fraction(metrics.get("accuracy")) and (fraction(auc) or (type(auc) is float and math.isnan(auc)))
-            and type(metrics.get("n-test")) in (int, float) and metrics["n-test"] == n_test)
+            and type(metrics.get("n-scored")) in (int, float) and metrics["n-scored"] == n_test)
 
 
 @st.composite
@@ -663,7 +663,7 @@ def eval_replies(draw):
     metrics = {
         "accuracy": draw(st.one_of(st.floats(0, 1), st.integers(0, 1), junk)),
         "auc": draw(st.one_of(st.floats(0, 1), st.just(math.nan), junk)),
-        "n-test": draw(st.one_of(st.just(card.n_test), st.just(float(card.n_test)),
+        "n-scored": draw(st.one_of(st.just(card.n_test), st.just(float(card.n_test)),
                                  st.integers(card.n_test - 2, card.n_test + 2), junk)),
     }
     for key in draw(st.lists(st.sampled_from(sorted(metrics)), max_size=1)):
@@ -677,15 +677,15 @@ def test_an_evaluation_reply_is_scored_exactly_when_valid(reply):
     card, metrics = reply
     if score_is_valid(metrics, card.n_test):
         score = check_eval_reply(metrics, card)
-        assert score.accuracy == float(metrics["accuracy"]) and score.n_test == card.n_test
-        assert type(score.n_test) is int
+        assert score.accuracy == float(metrics["accuracy"]) and score.n_scored == card.n_test
+        assert type(score.n_scored) is int
         assert score.auc is None if math.isnan(float(metrics["auc"])) else score.auc == float(metrics["auc"])
     else:
         rejection(check_eval_reply, metrics, card)
 
 
 @PROPERTY
-@given(st.one_of(st.dictionaries(st.one_of(st.sampled_from(["accuracy", "auc", "n-test"]), st.text(max_size=5)),
+@given(st.one_of(st.dictionaries(st.one_of(st.sampled_from(["accuracy", "auc", "n-scored"]), st.text(max_size=5)),
                                  junk, max_size=5), junk))
 def test_any_evaluation_reply_is_scored_or_rejected_on_one_line(metrics):
     try:
@@ -693,7 +693,7 @@ def test_any_evaluation_reply_is_scored_or_rejected_on_one_line(metrics):
     except Rejected as err:
         one_line(str(err))
     else:
-        assert 0 <= score.accuracy <= 1 and (score.auc is None or 0 <= score.auc <= 1) and score.n_test == CARD.n_test
+        assert 0 <= score.accuracy <= 1 and (score.auc is None or 0 <= score.auc <= 1) and score.n_scored == CARD.n_test
 
 
 def unescape(label: str) -> str:
@@ -716,6 +716,6 @@ def test_a_safe_label_is_printable_never_mathtext_and_reversible(text):
 
 def test_an_evaluation_on_val_counts_the_val_split():
     card = make_card()
-    assert check_eval_reply({**GOOD_EVAL, "n-test": 10}, card, "val").n_test == 10
-    with pytest.raises(Rejected, match="n-test is 20, expected 10"):
+    assert check_eval_reply({**GOOD_EVAL, "n-scored": 10}, card, "val").n_scored == 10
+    with pytest.raises(Rejected, match="n-scored is 20, expected 10"):
         check_eval_reply(GOOD_EVAL, card, "val")

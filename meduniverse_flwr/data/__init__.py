@@ -7,7 +7,6 @@ import functools
 import json
 import logging
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -22,9 +21,11 @@ from .embedded import TASKS as EMBEDDED_TASKS
 from .embedded import load_embedded, task_path
 from .folder import load_folder
 from .layout import load_layout, sidecar_path
-from .medmnist import flag_of, load_medmnist, resolve
+from .medmnist import load_medmnist, resolve
 from .npz import SPLITS, DataError, Split
 from .partition import archive_indices, dirichlet_shard, iid_shard
+from .. import registry
+from ..registry import PARTITIONS, SOURCES, dataset_name  # noqa: F401 (the data registries, re-exported)
 
 DEFAULT_ROOT = Path.home() / ".cache" / "meduniverse_flwr"
 logger = logging.getLogger("flwr")
@@ -118,24 +119,11 @@ def options_from(values: Mapping[str, Any], image_size: int) -> DataOptions:
 
 
 def parse_entry(entry: str, default_source: str) -> tuple[str, str]:
-    """``"medmnist:pneumoniamnist"`` -> (medmnist, pneumoniamnist); a bare ``.npz`` path is read by the
-    npz source, any other bare name takes ``default_source``."""
-    source, sep, spec = entry.partition(":")
-    if not sep:
-        source, spec = "npz" if entry.endswith(".npz") else default_source, entry
-    if source not in SOURCES:
-        raise DataError(f"dataset '{entry}': unknown source '{source}', choose one of {tuple(SOURCES)}")
-    return source, spec
-
-
-def dataset_name(entry: str, default_source: str) -> str:
-    """The task name a dataset entry gets on its card (and in results / held-out lists)."""
-    source, spec = parse_entry(entry, default_source)
-    if source == "medmnist":
-        return flag_of(Path(spec)) if spec.endswith(".npz") or "/" in spec else spec
-    if source == "npz":
-        return Path(spec).stem
-    return Path(spec).expanduser().name if source in ("folder", "dicom") else spec
+    """``registry.parse_entry`` with the data error of this package."""
+    try:
+        return registry.parse_entry(entry, default_source)
+    except registry.UnknownSource as err:
+        raise DataError(str(err)) from None
 
 
 def _counts(splits: dict[str, Split]) -> tuple[int, int, int]:
@@ -143,7 +131,7 @@ def _counts(splits: dict[str, Split]) -> tuple[int, int, int]:
     return len(splits["train"]), len(splits["test"]), len(splits["val"])
 
 
-def _embedded(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
+def embedded_source(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
     if spec not in EMBEDDED_TASKS:
         raise DataError(f"dataset '{spec}': not in the embedded universe {sorted(EMBEDDED_TASKS)}")
     info = EMBEDDED_TASKS[spec]
@@ -151,7 +139,7 @@ def _embedded(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Spli
     return TaskCard(spec, info.modality, len(info.classes), info.label_kind, *_counts(splits), info.classes), splits
 
 
-def _medmnist(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
+def medmnist_source(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
     flag, info, splits = load_medmnist(spec, options.root, options.image_size, options.download)
     return TaskCard(flag, info.modality, info.n_classes, info.label_kind, *_counts(splits)), splits
 
@@ -161,54 +149,46 @@ def _site_path(spec: str, options: DataOptions) -> Path:
     return Path(options.root).expanduser() / spec if not path.is_absolute() and options.root else path
 
 
-def _folder(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
+def folder_source(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
     path = _site_path(spec, options)
     classes, label_kind, splits = load_folder(path, options.image_size, options.skip_unreadable)
     return TaskCard(path.name, "images (site folder)", len(classes), label_kind, *_counts(splits)), splits
 
 
-def _dicom(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
+def dicom_source(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
     path = _site_path(spec, options)
     classes, label_kind, splits = load_dicom_folder(path, options.image_size, options.skip_unreadable)
     return TaskCard(path.name, "DICOM", len(classes), label_kind, *_counts(splits)), splits
 
 
-def _npz(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
+def npz_source(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
     path = _site_path(spec, options)
     layout, splits = load_layout(path)
     return TaskCard(path.stem, layout.modality, layout.n_classes, layout.label_kind, *_counts(splits),
                     layout.classes), splits
 
 
-def _npz_paths(spec: str, options: DataOptions) -> tuple[Path, ...]:
+def npz_paths(spec: str, options: DataOptions) -> tuple[Path, ...]:
     path = _site_path(spec, options)
     return path, sidecar_path(path)  # a sidecar added, edited or removed changes the task too
 
 
-# Data sources by name: a dataset entry ``source:spec`` is read by ``SOURCES[source](spec, options)``.
-SOURCES: dict[str, Callable[[str, "DataOptions"], tuple[TaskCard, dict[str, Split]]]] = {
-    "embedded": _embedded,
-    "medmnist": _medmnist,
-    "folder": _folder,
-    "dicom": _dicom,
-    "npz": _npz,
-}
+def embedded_paths(spec: str, options: DataOptions) -> tuple[Path, ...]:
+    return (task_path(cache_root(options.root), spec),)
 
 
-# What each source reads an entry from: the node data cache decodes it again when one of these changes.
-SOURCE_PATHS: dict[str, Callable[[str, "DataOptions"], tuple[Path, ...]]] = {
-    "embedded": lambda spec, options: (task_path(cache_root(options.root), spec),),
-    "medmnist": lambda spec, options: (resolve(spec, options.root, options.image_size)[1],),
-    "folder": lambda spec, options: (_site_path(spec, options),),
-    "dicom": lambda spec, options: (_site_path(spec, options),),
-    "npz": _npz_paths,
-}
+def medmnist_paths(spec: str, options: DataOptions) -> tuple[Path, ...]:
+    return (resolve(spec, options.root, options.image_size)[1],)
+
+
+def site_paths(spec: str, options: DataOptions) -> tuple[Path, ...]:
+    return (_site_path(spec, options),)
 
 
 def load_dataset(entry: str, options: DataOptions) -> tuple[TaskCard, dict[str, Split]]:
     """A dataset entry's card (n-train / n-test of the whole dataset) and splits, from its source."""
     source, spec = parse_entry(entry, options.source)
-    return SOURCES[source](spec, options)
+    return registry.resolve(SOURCES[source].loader)(spec, options)
 
 
 def _shard_seed(seed: int, dataset: str, split: str) -> int:
@@ -223,12 +203,12 @@ def stratify_by(labels: np.ndarray) -> np.ndarray:
     return np.where(labels.any(axis=1), labels.argmax(axis=1), labels.shape[1])
 
 
-def _iid(split: Split, card: TaskCard, split_name: str, shard: int, n_shards: int,
+def iid_partition(split: Split, card: TaskCard, split_name: str, shard: int, n_shards: int,
          options: DataOptions) -> np.ndarray:
     return iid_shard(len(split), shard, n_shards, _shard_seed(options.seed, card.name, split_name))
 
 
-def _dirichlet(split: Split, card: TaskCard, split_name: str, shard: int, n_shards: int,
+def dirichlet_partition(split: Split, card: TaskCard, split_name: str, shard: int, n_shards: int,
                options: DataOptions) -> np.ndarray:
     return dirichlet_shard(stratify_by(split.labels), shard, n_shards, options.dirichlet_alpha,
                            _shard_seed(options.seed, card.name, "proportions"),
@@ -241,10 +221,6 @@ def archive_of(name: str, n_train: int, share: float) -> np.ndarray:
     return archive_indices(n_train, share, zlib.crc32(f"archive:{name}".encode()))
 
 
-# How nodes sharing a dataset split it: ``PARTITIONS[partition](split, card, split name, shard, n_shards, options)``.
-PARTITIONS = {"iid": _iid, "dirichlet": _dirichlet}
-
-
 @functools.lru_cache(maxsize=4)
 def load_node_task(entry: str, shard: int, n_shards: int, options: DataOptions) -> NodeTask:
     """A node's task: shard ``shard`` of ``n_shards`` of the dataset ``entry``. Cached per process,
@@ -254,7 +230,7 @@ def load_node_task(entry: str, shard: int, n_shards: int, options: DataOptions) 
     key = json.dumps([entry, shard, n_shards, dataclasses.asdict(options)])
     try:
         # hashed before decoding: a source that changes meanwhile is decoded again on the next load
-        path = cache_path(directory, key, source_hash(SOURCE_PATHS[source](spec, options), directory))
+        path = cache_path(directory, key, source_hash(registry.resolve(SOURCES[source].paths)(spec, options), directory))
     except CacheError as err:
         logger.warning("%s; node data not cached", err)
         return decode_node_task(entry, shard, n_shards, options)
@@ -286,7 +262,7 @@ def decode_node_task(entry: str, shard: int, n_shards: int, options: DataOptions
         splits = {**splits, "train": Split(train.images[keep], train.labels[keep])}
     if n_shards > 1:
         splits = {name: Split(split.images[idx], split.labels[idx]) for name, split in splits.items()
-                  for idx in [PARTITIONS[options.partition](split, card, name, shard, n_shards, options)]}
+                  for idx in [registry.resolve(PARTITIONS[options.partition])(split, card, name, shard, n_shards, options)]}
         for name, split in splits.items():
             if len(split) == 0:
                 raise DataError(f"dataset '{entry}': shard {shard} of {n_shards} has an empty {name} split; "

@@ -18,13 +18,13 @@ import hashlib
 import json
 import os
 import reprlib
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from ..files import write_atomic
 from ..metrics import LABEL_KINDS
 from .npz import SPLITS
 
@@ -86,14 +86,7 @@ def write_task(path: Path, key: str, card: dict, images: dict[str, torch.Tensor]
     metadata = {"format": FORMAT, "key": key, "card": json.dumps(card),
                 "layouts": json.dumps({split: layout for split, (layout, _) in stored.items()})}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
         for stale in path.parent.glob(f"{path.name.split('-')[0]}-*.safetensors"):
             if stale != path:
                 stale.unlink(missing_ok=True)

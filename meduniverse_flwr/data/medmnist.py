@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..registry import medmnist_flag
 from .npz import DataError, Split, read_npz
 
 DEFAULT_ROOT = Path("~/.medmnist").expanduser()
@@ -50,16 +51,11 @@ def medmnist_path(root: Path, flag: str, size: int) -> Path:
     return Path(root) / (f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz")
 
 
-def flag_of(path: Path) -> str:
-    """``.../pneumoniamnist_64.npz`` -> ``pneumoniamnist``."""
-    return Path(path).stem.split("_")[0]
-
-
 def resolve(spec: str, root: str, image_size: int) -> tuple[str, Path]:
     """``spec`` is a flag (file looked up under ``root``) or a path to a MedMNIST file."""
     if spec.endswith(".npz") or "/" in spec:
         path = Path(spec).expanduser()
-        flag = flag_of(path)
+        flag = medmnist_flag(spec)
     else:
         flag = spec
         path = medmnist_path(Path(root).expanduser() if root else DEFAULT_ROOT, flag, file_size(image_size))

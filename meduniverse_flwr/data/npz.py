@@ -7,14 +7,14 @@ line naming the file and the problem.
 
 from __future__ import annotations
 
-import os
 import struct
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..files import write_atomic
 
 SPLITS = ("train", "val", "test")
 
@@ -154,17 +154,13 @@ def _read_split(path: Path, archive, split: str, n_classes: int, label_kind: str
 
 def write_npz(path: Path, splits: dict[str, Split]) -> None:
     """Write atomically, so concurrent builders and killed runs never leave half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for split in SPLITS:
         arrays[f"{split}_images"] = splits[split].images
         arrays[f"{split}_labels"] = splits[split].labels
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a handle, not a path: NumPy extends a path lacking ".npz"
             np.savez_compressed(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomic(path, write)

@@ -1,0 +1,39 @@
+"""Per-task scores of a base from the nodes' evaluate replies: validated, example-weighted per task.
+
+Every task asked gets an entry; one without a valid reply is marked missing, with the reasons, so
+that no mean is quietly computed over fewer tasks. Each entry names the split it scored
+(``split``) and how many examples (``n_scored``).
+"""
+
+from __future__ import annotations
+
+from flwr.app import Message, MetricRecord
+
+from .data import TaskCard
+from .messages import record
+from .validation import EvalScore, Rejected, check_eval_reply
+
+
+def check_evaluate_reply(reply: Message, card: TaskCard | None, eval_split: str) -> EvalScore:
+    """The reply's score; Rejected says why it has none."""
+    if card is None:
+        raise Rejected("node has no task card")
+    if reply.has_error():
+        raise Rejected(f"error reply ({reply.error.reason})")
+    metrics = record(reply.content, "metrics", MetricRecord)
+    if metrics is None:
+        raise Rejected("reply lacks the 'metrics' record")
+    return check_eval_reply(metrics, card, eval_split)
+
+
+def task_score(scores: list[EvalScore], problems: list[str], held_out: bool, split: str) -> dict:
+    """One task's entry of ``per_task``: example-weighted over its nodes; ``missing`` if none replied well."""
+    if not scores:
+        return {"accuracy": None, "auc": None, "n_scored": 0, "split": split, "held_out": held_out,
+                "missing": "; ".join(problems)}
+    n_scored = sum(score.n_scored for score in scores)
+    with_auc = [score for score in scores if score.auc is not None]
+    auc = (sum(score.auc * score.n_scored for score in with_auc) / sum(score.n_scored for score in with_auc)
+           if with_auc else None)
+    return {"accuracy": sum(score.accuracy * score.n_scored for score in scores) / n_scored, "auc": auc,
+            "n_scored": n_scored, "split": split, "held_out": held_out}
