@@ -39,8 +39,9 @@ class Centralized(StageWise):
         refuse_start(self, "it trains on the server, where start() sends train messages to nodes")
 
     def resume(self, stages: list[dict]) -> None:
-        raise ValueError("resume-from: strategy 'centralized' keeps its task heads in server memory only; "
-                         "run it again from the start")
+        if stages:
+            raise ValueError("resume-from: strategy 'centralized' keeps its task heads in server memory only; "
+                             "run it again from the start")
 
     def run_train_stage(
         self, grid: Grid, server_round: int, arrays: ArrayRecord, config: ConfigRecord | None = None

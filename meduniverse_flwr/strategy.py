@@ -1,15 +1,12 @@
 """``StageWise``: MedUniverse's stage-wise aggregation of heterogeneous-head ViTs, as a Flower Strategy.
 
-One stage: every node answers a *query* with its task card (once per run);
-``ceil(oversample * clients_per_stage)`` trainable nodes (seeded sample) get a
-*train* message with the current base backbone plus a fresh, seeded linear head
-sized to their card; replies carry the fine-tuned backbone only. Each valid
-reply is folded into a running aggregate as it arrives; after
-``clients_per_stage`` valid replies the stage ends (late replies are dropped
-and logged), or at the stage timeout with at least ``min_replies``, and the
-next base is ``(1 - server_mix) * base + server_mix * aggregate``. Heads never
-enter it. With ``schedule = arrival`` (``schedule.py``, the paper's protocol) a stage asks
-the nodes of its K arriving tasks instead, each task trains once, and only the tasks still
+One stage: every node answers a *query* with its task card (once per run); ``ceil(oversample * K)``
+trainable nodes (a seeded sample) get a *train* message with the base backbone plus a fresh, seeded
+head sized to their card; replies carry the fine-tuned backbone only. Each valid reply is folded
+into the stage's aggregate as it arrives; K valid replies end the stage (late ones are dropped and
+logged), or the timeout with at least ``min-replies``; the next base is ``(1 - server_mix) * base +
+server_mix * aggregate``. Heads never enter it. With ``schedule = arrival`` (``schedule.py``, the
+paper's protocol) a stage asks its K arriving tasks, each task trains once, and only the tasks still
 to come (and held-out ones) score each new base.
 
 What a strategy decides, each in one hook that a variant overrides:

@@ -25,7 +25,6 @@ REGISTRIES = {
     "transport-dtype": transport.TRANSPORT_DTYPES,
     "device": registry.DEVICES,
     "eval-split": registry.EVAL_SPLITS,
-    "dp": registry.DP_LEVELS,
     "tracker": registry.TRACKERS,
     "on-excess-update": registry.ON_EXCESS,
 }

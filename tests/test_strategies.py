@@ -131,6 +131,8 @@ def test_centralized_trains_on_the_server_and_says_it_pools_data(run_config, sit
     assert sorted(results["stages"][1]["participants"]) == sorted(results["stages"][0]["per_task"])
     assert not all(np.array_equal(checkpoint(run_dir, 1)[k], v) for k, v in checkpoint(run_dir, 0).items())
     assert "breaks privacy" in caplog.text
+    with pytest.raises(ValueError, match="resume-from: strategy 'centralized' keeps its task heads in server memory"):
+        build_strategy(RunConfig.with_defaults(strategy="centralized")).resume(results["stages"])
 
 
 def test_pooled_training_is_seeded_and_keeps_a_head_per_task(sites, tmp_path):
