@@ -11,12 +11,6 @@ sys.path.insert(0, str(ROOT))  # the simulation/ entry point is not part of the 
 from meduniverse_flwr.data.medmnist import FLAGS, medmnist_path  # noqa: E402
 
 
-def pytest_collection_modifyitems(items):
-    """The deployment tests first: they mostly wait (heartbeats, timeouts, process starts), so on one
-    xdist worker they overlap the in-process tests on the other instead of running last."""
-    items.sort(key=lambda item: item.get_closest_marker("deployment") is None)  # stable: the rest keep their order
-
-
 def default_run_config() -> dict:
     with open(ROOT / "pyproject.toml", "rb") as handle:
         return tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
