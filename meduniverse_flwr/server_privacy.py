@@ -32,7 +32,7 @@ class NoPrivacy:
     def wrap(self, aggregate: Aggregate, base: Arrays, target: int, stage: int) -> Aggregate:
         return aggregate
 
-    def released(self, stage: int, asked: Iterable[TaskCard]) -> list[dict]:
+    def released(self, asked: Iterable[TaskCard]) -> list[dict]:
         """The stage's privacy events ({party, noise_multiplier, sample_rate, steps} each)."""
         return []
 
@@ -52,9 +52,9 @@ class ExamplePrivacy(NoPrivacy):
 
     def describe(self) -> str:
         c = self.config
-        return f"example level, clip {c.dp_clip_norm:g}, noise multiplier {c.dp_noise_multiplier:g}, delta {c.dp_delta:g}"
+        return f"{c.dp} level, clip {c.dp_clip_norm:g}, noise multiplier {c.dp_noise_multiplier:g}, delta {c.dp_delta:g}"
 
-    def released(self, stage: int, asked: Iterable[TaskCard]) -> list[dict]:
+    def released(self, asked: Iterable[TaskCard]) -> list[dict]:
         return [self._event(card.name, *example_steps(card.n_train, self.config.batch_size, self.config.local_epochs))
                 for card in asked]
 
@@ -71,15 +71,12 @@ class SitePrivacy(ExamplePrivacy):
     ``noise * clip`` on the sum, divided by the stage's K fixed in advance; one event per stage on
     the federation (sample rate 1: no amplification by sampling is claimed)."""
 
-    def describe(self) -> str:
-        return super().describe().replace("example level", "site level")
-
     def wrap(self, aggregate: Aggregate, base: Arrays, target: int, stage: int) -> Aggregate:
         seed = noise_seed(derive_seed(self.config.seed, stage, "dp-noise"), self.config.dp_secure_noise)
         return ClippedNoisySum(aggregate, base, self.config.dp_clip_norm,
                                self.config.dp_noise_multiplier * self.config.dp_clip_norm, target, seed)
 
-    def released(self, stage: int, asked: Iterable[TaskCard]) -> list[dict]:
+    def released(self, asked: Iterable[TaskCard]) -> list[dict]:
         return [self._event("federation", 1.0, 1)]
 
 

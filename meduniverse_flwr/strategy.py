@@ -331,7 +331,7 @@ class StageWise(Strategy):
     def _spend_privacy(self) -> None:
         """Record what the stage released (``server_privacy``); asked nodes count, since a late or
         rejected reply was still sent."""
-        events = self.privacy.released(self._stage, self._train_nodes.values())
+        events = self.privacy.released(self._train_nodes.values())
         self.privacy.spend(events)
         self.outcome.privacy_events.extend(events)
         spent = self.privacy.epsilon()
