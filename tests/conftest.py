@@ -37,6 +37,16 @@ def run_config(data_root, tmp_path):
 
 
 RGB_FLAGS = {"pathmnist", "dermamnist", "bloodmnist", "retinamnist"}
+TINY_FLAGS = ("pneumoniamnist", "bloodmnist", "organamnist")  # 2, 8 and 11 classes; gray and RGB
+
+
+@pytest.fixture(scope="session")
+def tiny_sites(tmp_path_factory) -> list[str]:
+    """Three tiny sites (``medmnist:`` entries, 48 train / 16 val / 16 test images each): for runs whose
+    subject is the federation's mechanics (messages, resume, rejection), not what it learns; training
+    on the embedded universe's 1,000 images a task made such runs 20x slower."""
+    root = tmp_path_factory.mktemp("tiny-sites")
+    return [f"medmnist:{write_medmnist(root, flag, n=(48, 16, 16), seed=index)}" for index, flag in enumerate(TINY_FLAGS)]
 
 
 def write_medmnist(root, flag, size=28, n=(12, 4, 6), seed=0):

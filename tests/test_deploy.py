@@ -135,11 +135,11 @@ def comparable(value):
 
 @pytest.fixture(scope="module")
 def straight(deployment):
-    """An uninterrupted 2-stage run: the integration check, and the reference for resume."""
+    """An uninterrupted 1-stage run: the integration check, and the reference for resume."""
     nodes = supernodes(deployment.env, LOCAL_CONNECTION)
     assert sorted(n["status"] for n in nodes) == ["online"] * 3
     status, results, output = run(deployment, "straight",
-                                  f"{RUN} clients-per-stage=3 num-stages=2 output-dir='runs/straight'")
+                                  f"{RUN} clients-per-stage=3 num-stages=1 output-dir='runs/straight'")
     assert status == "finished:completed", output[-3000:]
     return results
 
@@ -147,11 +147,11 @@ def straight(deployment):
 def test_stages_over_tls_with_authenticated_nodes(deployment, straight):
     link_args = deployment.processes["superlink"].args
     assert "--ssl-certfile" in link_args and "--enable-supernode-auth" in link_args and "--insecure" not in link_args
-    assert [s["stage"] for s in straight["stages"]] == [0, 1, 2]
-    assert all(sorted(s["participants"]) == sorted(FLAGS) for s in straight["stages"][1:])
+    assert [s["stage"] for s in straight["stages"]] == [0, 1]
+    assert sorted(straight["stages"][1]["participants"]) == sorted(FLAGS)
     assert all(sorted(s["per_task"]) == sorted(FLAGS) for s in straight["stages"])
-    assert straight["stages"][1]["bytes_up"] > 0 and len(straight["summary"]["accuracy_gain"]) == 3
-    assert (deployment.dir / "runs" / "straight" / "latest" / "checkpoints" / "stage-2.safetensors").is_file()
+    assert straight["stages"][1]["bytes_up"] > 0 and len(straight["summary"]["accuracy_gain"]) == 2
+    assert (deployment.dir / "runs" / "straight" / "latest" / "checkpoints" / "stage-1.safetensors").is_file()
     # each site was given only its own file
     for index, flag in enumerate(FLAGS):
         named = [f for f in FLAGS if f"{f}.npz" in " ".join(deployment.processes[f"node-{index}"].args)]
@@ -212,7 +212,7 @@ def test_a_stage_without_replies_ends_by_its_timeout(deployment):
     cards, stage 0), which take half a minute when other work shares the cores: hence 60 s."""
     log_file = deployment.dir / "hung.log"
     output_dir = deployment.dir / "runs" / "hung"
-    proc = start_flwr_run(deployment.env, f"{RUN} clients-per-stage=3 num-stages=2 stage-timeout=60.0 "
+    proc = start_flwr_run(deployment.env, f"{RUN} clients-per-stage=3 num-stages=1 stage-timeout=60.0 "
                           f"output-dir='runs/hung'", log_file, connection=LOCAL_CONNECTION)
     frozen = []
     try:
@@ -231,12 +231,12 @@ def test_a_stage_without_replies_ends_by_its_timeout(deployment):
 
 
 def test_a_killed_server_app_resumes_to_the_same_results(deployment, straight):
-    config = f"{RUN} clients-per-stage=3 num-stages=2"
+    config = f"{RUN} clients-per-stage=3 num-stages=1"
     log_file = deployment.dir / "killed.log"
     output_dir = deployment.dir / "runs" / "killed"
     proc = start_flwr_run(deployment.env, f"{config} output-dir='runs/killed'", log_file,
                           connection=LOCAL_CONNECTION)
-    wait_until(lambda: stages_in(output_dir) == [0, 1], "stage 1", run=(proc, log_file))
+    wait_until(lambda: stages_in(output_dir) == [0], "stage 0", run=(proc, log_file))
     server_apps = [pid for pid in descendants(deployment.processes["superlink"].pid)
                    if runs(pid, "flwr-serverapp")]
     assert len(server_apps) == 1
@@ -246,13 +246,13 @@ def test_a_killed_server_app_resumes_to_the_same_results(deployment, straight):
     flwr(deployment.env, "stop", run_id, LOCAL_CONNECTION)
     proc.wait(600)
     assert run_status(deployment.env, run_id).startswith("finished:stopped")
-    assert stages_in(output_dir) == [0, 1]
+    assert stages_in(output_dir) == [0]
 
     resumed_dir = run_directory(output_dir)
     status, _, output = run(deployment, "resumed", f"{config} output-dir='runs/killed' resume-from='{resumed_dir}'")
     assert status == "finished:completed", output[-3000:]
     resumed = json.loads((resumed_dir / "results.json").read_text())
-    assert [s["stage"] for s in resumed["stages"]] == [0, 1, 2]  # none lost, none twice
+    assert [s["stage"] for s in resumed["stages"]] == [0, 1]  # none lost, none twice
     assert comparable(resumed["stages"]) == comparable(straight["stages"])
     assert resumed["summary"] == straight["summary"]
 

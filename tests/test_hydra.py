@@ -87,12 +87,12 @@ def test_bad_overrides_fail_before_anything_runs(override, message, tmp_path):
     assert not (tmp_path / ".flwr").exists()  # no SuperLink was started
 
 
-def test_sweep_runs_jobs_writes_a_summary_and_leaves_no_process(tmp_path, data_root):
+def test_sweep_runs_jobs_writes_a_summary_and_leaves_no_process(tmp_path, tiny_sites):
     sweep_dir = tmp_path / "sweep"
     result = run_cli(
         "--multirun", "num_stages=-1,1",  # job 0 is invalid (fails before any process starts), job 1 runs
         "local_epochs=1", "probe_epochs=2", "clients_per_stage=2", "pretrain=none",
-        "federation.num_supernodes=2", "datasets=[ct-tissue,histology-stain]", f"data_root={data_root}",
+        "federation.num_supernodes=2", f"datasets=[{','.join(tiny_sites[:2])}]", f"data_root={tmp_path / 'cache'}",
         f"hydra.sweep.dir={sweep_dir}",
     )
     assert result.returncode != 0 and "1 of 2 jobs failed" in result.stderr

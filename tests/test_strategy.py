@@ -9,7 +9,7 @@ from uuid import uuid4
 import numpy as np
 import pytest
 import torch
-from conftest import default_run_config, write_medmnist
+from conftest import TINY_FLAGS, default_run_config, write_medmnist
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from simulation.inprocess import InProcessGrid, act_as_server
@@ -40,14 +40,14 @@ def without_seconds(stages):
 
 
 @pytest.fixture(scope="module")
-def two_runs(data_root, tmp_path_factory):
-    """The default 4-task universe, one stage, twice with the same seed."""
-    
+def two_runs(data_root, tiny_sites, tmp_path_factory):
+    """The default settings (MAE-pretrained base, one stage) on three tiny sites, twice with the same seed."""
     results = []
     for attempt in range(2):
         config = {**default_run_config(), "data-root": str(data_root), "num-stages": 1, "local-epochs": 1,
-                  "probe-epochs": 3, "pretrain-epochs": 1, "output-dir": str(tmp_path_factory.mktemp(f"run{attempt}"))}
-        results.append(run_federation(config, num_nodes=4))
+                  "probe-epochs": 3, "pretrain-epochs": 1, "datasets": ",".join(tiny_sites), "clients-per-stage": 3,
+                  "output-dir": str(tmp_path_factory.mktemp(f"run{attempt}"))}
+        results.append(run_federation(config, num_nodes=3))
     return results
 
 
@@ -55,8 +55,8 @@ def test_results_follow_the_contract(two_runs):
     (results, grid), _ = two_runs
     assert [s["stage"] for s in results["stages"]] == [0, 1]
     stage0, stage1 = results["stages"]
-    assert stage0["participants"] == [] and len(stage1["participants"]) == 4
-    assert set(stage1["per_task"]) == {"brain-tissue", "ct-tissue", "fundus-vessel", "histology-stain"}
+    assert stage0["participants"] == [] and len(stage1["participants"]) == 3
+    assert set(stage1["per_task"]) == set(TINY_FLAGS)
     for metrics in stage1["per_task"].values():
         assert 0 <= metrics["accuracy"] <= 1 and 0 <= metrics["auc"] <= 1
         assert metrics["n_scored"] > 0 and metrics["split"] == "test" and metrics["held_out"] is False
@@ -70,14 +70,14 @@ def test_results_follow_the_contract(two_runs):
 def test_each_node_gets_the_base_plus_a_head_sized_to_its_card(two_runs):
     (_, grid), _ = two_runs
     train_messages = [m for m in grid.pushed if m.metadata.message_type == "train"]
-    assert len(train_messages) == 4
+    assert len(train_messages) == 3
     base_keys = set(create_backbone("vit-micro", 28).state_dict())
     head_rows = set()
     for message in train_messages:
         arrays = unpack(message.content.array_records["arrays"], "fp32")
         assert set(arrays) == base_keys | {"head.weight", "head.bias"}
         head_rows.add(arrays["head.weight"].shape[0])
-    assert head_rows == {2, 3, 4}  # binary fundus, 3-class histology / brain, 4-class CT
+    assert head_rows == {2, 8, 11}  # binary pneumonia, 8 blood cell types, 11 organs
 
 
 def test_same_seed_gives_identical_stages(two_runs):
@@ -85,7 +85,7 @@ def test_same_seed_gives_identical_stages(two_runs):
     assert without_seconds(first["stages"]) == without_seconds(second["stages"])
 
 
-def test_a_bad_node_is_rejected_and_the_stage_completes(run_config, caplog):
+def test_a_bad_node_is_rejected_and_the_stage_completes(run_config, tiny_sites, caplog):
     def poison(reply: Message) -> Message:
         if reply.metadata.message_type == "train":
             arrays = unpack(reply.content.array_records["arrays"], "fp32")
@@ -94,11 +94,11 @@ def test_a_bad_node_is_rejected_and_the_stage_completes(run_config, caplog):
         return reply
 
     # all 3 nodes asked (ceil(1.5 x K)), K = 2 valid replies end the stage
-    config = run_config(datasets="ct-tissue,histology-stain,brain-tissue", clients_per_stage=2, oversample=1.5)
+    config = run_config(datasets=",".join(tiny_sites), clients_per_stage=2, oversample=1.5)
     with caplog.at_level(logging.WARNING, logger="flwr"):
         results, _ = run_federation(config, num_nodes=3, tamper={1002: poison})
     stage1 = results["stages"][1]
-    assert stage1["participants"] == ["ct-tissue", "histology-stain"]
+    assert stage1["participants"] == ["bloodmnist", "pneumoniamnist"]
     assert len(stage1["rejected"]) == 1 and "'cls_token' contains NaN or Inf" in stage1["rejected"][0]
     assert "rejected: 'cls_token' contains NaN" in caplog.text
 
@@ -191,8 +191,8 @@ def test_an_error_reply_from_the_superlink_counts_for_the_node_it_was_sent_to():
 
 
 @pytest.mark.parametrize("name", STRATEGIES)
-def test_flowers_own_start_drives_every_strategy_or_it_says_why_not(name, run_config):
-    config = {**run_config(datasets="ct-tissue,histology-stain"), "strategy": name, "clients-per-stage": 2}
+def test_flowers_own_start_drives_every_strategy_or_it_says_why_not(name, run_config, tiny_sites):
+    config = {**run_config(datasets=",".join(tiny_sites[:2])), "strategy": name, "clients-per-stage": 2}
     grid = InProcessGrid(client_app, config, num_nodes=2)
     strategy = build_strategy(RunConfig.from_run_config(config))
     base = ArrayRecord(create_backbone("vit-micro", 28).state_dict())
@@ -208,7 +208,7 @@ def test_flowers_own_start_drives_every_strategy_or_it_says_why_not(name, run_co
     assert set(result.arrays) == set(base)
     moved = not np.array_equal(result.arrays["cls_token"].numpy(), base["cls_token"].numpy())
     assert moved == (name != "local")  # local never changes the server's base
-    assert set(result.evaluate_metrics_clientapp[1]) == {"ct-tissue/accuracy", "histology-stain/accuracy"}
+    assert set(result.evaluate_metrics_clientapp[1]) == {"pneumoniamnist/accuracy", "bloodmnist/accuracy"}
 
 
 def test_held_out_tasks_never_train_but_are_evaluated():
@@ -310,11 +310,11 @@ class KilledAfterStage(InProcessGrid):
 
 
 @pytest.mark.parametrize("dp", ["off", "site"])
-def test_a_killed_run_resumes_to_the_same_results(dp, run_config, tmp_path):
+def test_a_killed_run_resumes_to_the_same_results(dp, run_config, tiny_sites, tmp_path):
     """With site-level DP too: the server's noise repeats with the seed, and the resumed run's epsilon
     goes on from the privacy its finished stages spent (replayed from results.json)."""
     straight = run_config(num_stages=2, output_dir=str(tmp_path / "straight"),
-                          datasets="ct-tissue,histology-stain", clients_per_stage=2, dp=dp,
+                          datasets=",".join(tiny_sites[:2]), clients_per_stage=2, dp=dp,
                           aggregation="mean" if dp == "site" else "weighted")
     expected, _ = run_federation(straight, num_nodes=2)
 
@@ -334,8 +334,8 @@ def test_a_killed_run_resumes_to_the_same_results(dp, run_config, tmp_path):
         assert 0 < resumed["stages"][1]["epsilon"] < resumed["stages"][2]["epsilon"]
 
 
-def test_resume_refuses_other_settings(run_config, tmp_path):
-    first = run_config(num_stages=1, datasets="ct-tissue,histology-stain", clients_per_stage=2)
+def test_resume_refuses_other_settings(run_config, tiny_sites, tmp_path):
+    first = run_config(num_stages=1, datasets=",".join(tiny_sites[:2]), clients_per_stage=2)
     run_federation(first, num_nodes=2)
     run_dir = str((tmp_path / "outputs" / "latest").resolve())
     with pytest.raises(ValueError, match=r"results.json was made with other settings: seed 0 -> 1") as err:
