@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 import pytest
-from conftest import write_medmnist
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 from safetensors.numpy import load_file
 from simulation.inprocess import InProcessGrid
@@ -22,13 +21,6 @@ from meduniverse_flwr.messages import pack, unpack
 from meduniverse_flwr.results import RunOutputs, read_results
 
 ATTACKER = 1002
-
-
-@pytest.fixture(scope="module")
-def hospitals(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hospitals")
-    return ",".join(f"medmnist:{write_medmnist(root, flag, n=(32, 8, 8), seed=i)}"
-                    for i, flag in enumerate(("pneumoniamnist", "bloodmnist", "organamnist")))
 
 
 def run(config, tamper=None, num_nodes=3, run_id=5):
@@ -57,9 +49,9 @@ def base_norm(run_dir, stage):
 
 
 @pytest.fixture
-def tiny(run_config, hospitals):
+def tiny(run_config, tiny_sites):
     def make(**overrides):
-        return run_config(**{"datasets": hospitals, "pretrain": "none", "clients_per_stage": 3, "probe_epochs": 1,
+        return run_config(**{"datasets": ",".join(tiny_sites), "pretrain": "none", "clients_per_stage": 3, "probe_epochs": 1,
                              "batch_size": 16, **overrides})
     return make
 
