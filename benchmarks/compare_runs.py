@@ -20,6 +20,7 @@ from flwr.app import Context, RecordDict
 
 from meduniverse_flwr import server_app
 from meduniverse_flwr.client_app import app as client_app
+from simulation.hostile_app import app as hostile_app
 from simulation.inprocess import InProcessGrid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,8 @@ def main() -> None:
     for text in args.overrides:
         overrides = json.loads(text)
         config = {**defaults, "output-dir": tempfile.mkdtemp(prefix="compare-runs-"), **overrides}
-        grid = InProcessGrid(client_app, config, args.nodes)
+        app = hostile_app if config["attack-nodes"] > 0 else client_app  # as simulation.run picks
+        grid = InProcessGrid(app, config, args.nodes)
         server_app.main(grid, Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config))
         results = json.loads((Path(config["output-dir"]) / "latest" / "results.json").read_text())
         means = [round(s["mean_accuracy"], 4) for s in results["stages"]]

@@ -6,8 +6,9 @@ One command per machine (see deploy/README.md for the whole guide)::
     coordinating centre  python -m deploy.launch superlink --certs secrets --host 0.0.0.0 --port 9092 --state state
     researcher           python -m deploy.launch connect hospitals --superlink link.example.org:9092 --ca ca.crt
                          python -m deploy.launch register hospitals node-0.pub node-1.pub
-    each hospital        python -m deploy.launch supernode --superlink link.example.org:9092 --ca ca.crt \\
+    each hospital        python -m deploy.launch check --superlink link.example.org:9092 --ca ca.crt \\
                              --key node-0 --dataset medmnist:pneumoniamnist --data-root /data/medmnist
+                         python -m deploy.launch supernode <the same arguments>
     then                 flwr run . hospitals --stream
 
 All of it on this machine, on 127.0.0.1 (to try the chain, and what the tests run)::
@@ -23,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from deploy.errors import LaunchError, existing
 from deploy.flwr_cli import BIN, flower_env, register, supernodes, wait_for_superlink, write_connection
 from deploy.make_certs import make_certs
 from deploy.processes import start, stop, stop_recorded, write_pid_file
+from meduniverse_flwr.registry import DEVICES
 
 INSECURE_WARNING = ("WARNING: --insecure: traffic is unencrypted and any node can join; "
                     "use it only on a trusted network, never with patient data")
@@ -75,12 +79,22 @@ def supernode_env(env: dict) -> dict:
     return {**SUPEREXEC_POLL, **env}
 
 
+def node_config_string(settings: Mapping[str, object]) -> str:
+    """``--node-config``'s ``key=value`` list (TOML values: quoted strings, true/false, numbers)."""
+    for key, value in settings.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise LaunchError(f"node config: '{key}' = {value}: must be a finite number")
+    return " ".join(f"{key}={json.dumps(value)}" for key, value in settings.items())
+
+
 def supernode_command(superlink: str, dataset: str, data_root: str, port: int,
-                      ca: Path | None, key: Path | None, insecure: bool) -> list[str]:
+                      ca: Path | None, key: Path | None, insecure: bool,
+                      site: Mapping[str, object] | None = None) -> list[str]:
     """``flower-supernode`` for one site: it trusts only ``ca``, signs in with its private ``key``
-    and reads only its own ``dataset`` under ``data_root``."""
+    and reads only its own ``dataset`` under ``data_root``; ``site`` holds its other node-config
+    keys (``meduniverse_flwr.site.SITE_KEYS``: cache dir, download, device, privacy floor)."""
     require_tls(ca is not None, insecure, "supernode")
-    node_config = f"dataset={json.dumps(dataset)} data-root={json.dumps(data_root)}"
+    node_config = node_config_string({"dataset": dataset, "data-root": data_root, **(site or {})})
     command = [str(BIN / "flower-supernode"), "--superlink", superlink, "--host", "127.0.0.1",
                "--port", str(port), "--node-config", node_config]
     if insecure:
@@ -96,7 +110,8 @@ class LocalDeployment:
     """SuperLink + one SuperNode per dataset, all on 127.0.0.1, with certificates made in ``dir``.
 
     ``start()`` brings it up and writes ``dir/pids.json``; ``stop()`` ends every process it
-    started, by PID. ``env`` runs ``flwr`` against it (connection ``LOCAL_CONNECTION``)."""
+    started, by PID. ``env`` runs ``flwr`` against it (connection ``LOCAL_CONNECTION``).
+    ``sites[i]``, where given, holds node i's other node-config keys (``supernode_command``)."""
 
     dir: Path
     datasets: list[str]
@@ -105,6 +120,7 @@ class LocalDeployment:
     insecure: bool = False
     port: int = 9092
     node_ports: list[int] = field(default_factory=list)
+    sites: list[dict] = field(default_factory=list)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -149,7 +165,8 @@ class LocalDeployment:
             key = None if self.certs is None else self.certs / f"node-{index}"
             if key is not None:
                 register(self.env, LOCAL_CONNECTION, key.with_name(f"node-{index}.pub"))
-            command = supernode_command(self.address, dataset, self.data_root, port, ca, key, self.insecure)
+            site = self.sites[index] if index < len(self.sites) else None
+            command = supernode_command(self.address, dataset, self.data_root, port, ca, key, self.insecure, site)
             self._track(f"node-{index}", start(command, self.log(f"node-{index}"), node_env, cwd=self.dir))
         self.wait_online(len(self.datasets))
 
@@ -171,6 +188,41 @@ class LocalDeployment:
         (self.dir / "pids.json").unlink(missing_ok=True)
 
 
+# the node-config keys beyond dataset / data-root (meduniverse_flwr.site.SITE_KEYS), one flag each
+SITE_FLAGS = ("cache-dir", "download", "skip-unreadable", "device", "require-dp", "max-epsilon",
+              "max-epsilon-delta")
+
+
+def _site_arguments() -> argparse.ArgumentParser:
+    """A site's arguments, shared by `supernode` and `check`: a site checks the very command line
+    it will start its node with."""
+    site = argparse.ArgumentParser(add_help=False)
+    site.add_argument("--superlink", required=True, help="host:port of the SuperLink")
+    site.add_argument("--ca", type=Path, help="the deployment's ca.crt")
+    site.add_argument("--key", type=Path, help="this site's private authentication key (node-<i>)")
+    site.add_argument("--dataset", required=True, help="this site's dataset entry, e.g. medmnist:pneumoniamnist")
+    site.add_argument("--data-root", default="", help="where this site's data lies (default: the app's)")
+    site.add_argument("--port", type=int, default=9094, help="local port for this node's ClientApps")
+    site.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (testing only)")
+    site.add_argument("--cache-dir", help="where the node writes: decoded data, its privacy ledger "
+                                          "(default: under --data-root)")
+    site.add_argument("--download", action="store_true", help="let the node fetch a missing public dataset")
+    site.add_argument("--skip-unreadable", action="store_true",
+                      help="drop unreadable images (logged) instead of refusing the dataset")
+    site.add_argument("--device", choices=DEVICES, help="what the node trains on (default: auto)")
+    site.add_argument("--require-dp", choices=("example",),
+                      help="release only updates trained with example-level DP-SGD")
+    site.add_argument("--max-epsilon", type=float, help="the most epsilon this site spends on its data, all runs")
+    site.add_argument("--max-epsilon-delta", type=float, help="the delta --max-epsilon is stated at (default 1e-5)")
+    return site
+
+
+def _site_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The site flags given: a flag not given leaves its key out, so the node keeps its default."""
+    values = {key: getattr(args, key.replace("-", "_")) for key in SITE_FLAGS}
+    return {key: value for key, value in values.items() if value is not None and value is not False}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m deploy.launch", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -184,14 +236,12 @@ def _parser() -> argparse.ArgumentParser:
     link.add_argument("--state", type=Path, default=Path("state"), help="state database and log folder")
     link.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (testing only)")
 
-    node = commands.add_parser("supernode", help="run one site's SuperNode (foreground)")
-    node.add_argument("--superlink", required=True, help="host:port of the SuperLink")
-    node.add_argument("--ca", type=Path, help="the deployment's ca.crt")
-    node.add_argument("--key", type=Path, help="this site's private authentication key (node-<i>)")
-    node.add_argument("--dataset", required=True, help="this site's dataset entry, e.g. medmnist:pneumoniamnist")
-    node.add_argument("--data-root", default="", help="where this site's data lies (default: the app's)")
-    node.add_argument("--port", type=int, default=9094, help="local port for this node's ClientApps")
-    node.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (testing only)")
+    site = _site_arguments()
+    commands.add_parser("supernode", parents=[site], help="run one site's SuperNode (foreground)")
+    check = commands.add_parser("check", parents=[site],
+                                help="check a site before it joins: the same arguments as `supernode`")
+    check.add_argument("--image-size", type=int,
+                       help="the run's image-size, if it is not the app's default")
 
     connect = commands.add_parser("connect", help="add the flwr connection NAME for `flwr run . NAME`")
     connect.add_argument("name")
@@ -228,8 +278,13 @@ def main(argv: list[str] | None = None) -> None:
             os.execve(command[0], command, flower_env())
         elif args.command == "supernode":
             command = supernode_command(args.superlink, args.dataset, args.data_root, args.port, args.ca,
-                                        args.key, args.insecure)
+                                        args.key, args.insecure, _site_settings(args))
             os.execve(command[0], command, supernode_env(flower_env()))
+        elif args.command == "check":
+            from deploy import preflight  # torch and the data loaders: only `check` needs them
+
+            sys.exit(preflight.check(args.superlink, args.dataset, args.data_root, args.ca, args.key,
+                                     args.insecure, _site_settings(args), args.image_size))
         elif args.command == "connect":
             require_tls(args.ca is not None, args.insecure, "connect")
             path = write_connection(_flwr_home(), args.name, args.superlink, args.ca)

@@ -10,26 +10,28 @@ is a fact of the strategy that travels in each message (``node-keeps``): nothing
 own backbone). So is a strategy's term in the training loss (``node-term``: FedProx's). No
 server code is imported here.
 
-A node reads from the run config only where its data are (``config.NODE_DATA_KEYS``) and, in
-experiments on robust aggregation, whether it is hostile (``config.NODE_ATTACK_KEYS``);
-everything else, model and arrays' encoding included, comes in each message's
-``config`` record. Server-side settings (checkpoint paths, ``resume-from``,
-``output-dir``) are never read here, so a SuperNode depends only on its own
-files and node config.
+What the node reads, writes, fetches and runs on, and the privacy it may spend, are the site's:
+its node config (``site.py``; in simulation the simulation plays the sites). From the run config
+it reads only how the run splits its data (``config.NODE_DATA_KEYS``); everything else, model
+and arrays' encoding included, comes in each message's ``config`` record. A site with a privacy
+floor refuses a train message that breaks it, with a one-line error reply (``site_ledger.py``).
+This app has no attack path: hostile nodes for experiments are ``simulation/hostile_app.py``.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from .attacks import is_hostile, poisoned
-from .config import NODE_ATTACK_KEYS, NODE_DATA_KEYS, read_keys
-from .data import NodeTask, load_node_task, options_from
-from .data.partition import node_dataset
+from .config import read_keys
+from .data import NodeTask, load_node_task
 from .messages import Instructions, pack, record, unpack_torch
 from .model import split_state
+from .site import Site, site_from
+from .site_ledger import charge, site_epsilon
 from .task import evaluate_base, train_on_task
 
 app = ClientApp()
@@ -48,18 +50,8 @@ def kept_state(context: Context, keeps: str, sent: dict[str, torch.Tensor]) -> d
     return {**sent, **{name: value for name, value in kept.items() if name in sent}}
 
 
-def node_task(context: Context, image_size: int) -> NodeTask:
-    """This node's task. A deployed SuperNode names its own dataset (and data root) in
-    ``--node-config 'dataset="..." data-root="..."'``; in simulation the partition id picks one."""
-    values = read_keys(context.run_config, NODE_DATA_KEYS)
-    node = context.node_config
-    if "dataset" in node:
-        entry, shard, n_shards = str(node["dataset"]), 0, 1
-    else:
-        entry, shard, n_shards = node_dataset(int(node["partition-id"]), int(node["num-partitions"]),
-                                              values["datasets"])
-    values["data_root"] = str(node.get("data-root", values["data_root"]))
-    return load_node_task(entry, shard, n_shards, options_from(values, image_size))
+def node_task(context: Context, site: Site, image_size: int) -> NodeTask:
+    return load_node_task(site.dataset, site.shard, site.n_shards, site.data_options(context.run_config, image_size))
 
 
 def _record(message: Message, name: str, kind: type):
@@ -69,28 +61,30 @@ def _record(message: Message, name: str, kind: type):
     return found
 
 
-def instructions(message: Message) -> Instructions:
-    return Instructions.from_record(_record(message, "config", ConfigRecord))
+def instructions(message: Message, site: Site) -> Instructions:
+    """The message's instructions, on the site's device."""
+    return dataclasses.replace(Instructions.from_record(_record(message, "config", ConfigRecord)), device=site.device)
 
 
 @app.query()
 def query(message: Message, context: Context) -> Message:
     image_size = read_keys(_record(message, "config", ConfigRecord), ["image-size"])["image_size"]
-    card = node_task(context, image_size).card
+    card = node_task(context, site_from(context.node_config, context.run_config), image_size).card
     return Message(RecordDict({"card": ConfigRecord(card.to_record())}), reply_to=message)
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
-    sent = instructions(message)
-    task = node_task(context, sent.image_size)
+    site = site_from(context.node_config, context.run_config)
+    sent = instructions(message, site)
+    task = node_task(context, site, sent.image_size)
+    if site.has_floor:  # refused (an error reply) before any training if the floor does not allow it
+        charge(site, site.write_dir(), task.card.name, len(task.train), sent.dp, sent.dp_noise_multiplier,
+               sent.dp_secure_noise, sent.batch_size, sent.epochs)
     keeps = sent.node_keeps
     state = kept_state(context, keeps, unpack_torch(_record(message, "arrays", ArrayRecord), sent.transport_dtype))
     backbone, head, metrics = train_on_task(sent.model, sent.image_size, task, state, sent.train_settings(),
                                             validate=sent.node_metrics)
-    attack = read_keys(context.run_config, NODE_ATTACK_KEYS)
-    if is_hostile(context.node_config, attack["attack_nodes"]):
-        backbone = poisoned(split_state(state)[0], backbone, attack["attack_factor"])
     if keeps != "nothing":
         context.state[KEPT] = ArrayRecord(head if keeps == "head" else {**backbone, **head})
     content = RecordDict({"arrays": pack(backbone, sent.transport_dtype), "metrics": MetricRecord(metrics)})
@@ -99,10 +93,13 @@ def train(message: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(message: Message, context: Context) -> Message:
-    sent = instructions(message)
-    task = node_task(context, sent.image_size)
+    site = site_from(context.node_config, context.run_config)
+    sent = instructions(message, site)
+    task = node_task(context, site, sent.image_size)
     backbone = unpack_torch(_record(message, "arrays", ArrayRecord), sent.transport_dtype)
     if sent.node_keeps == "model":  # scored on its own backbone, once it has one
         backbone = kept_state(context, "model", backbone)
     metrics = evaluate_base(sent.model, sent.image_size, task, backbone, sent.eval_mode, sent.train_settings())
+    if site.has_floor:  # what the site's own ledger says it has spent, beside the server's account
+        metrics["site-epsilon"] = site_epsilon(site, site.write_dir(), task.card.name)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)

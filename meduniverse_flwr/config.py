@@ -185,10 +185,11 @@ class RunConfig:
 
 KEYS: dict[str, str] = {f.name.replace("_", "-"): str(f.type) for f in dataclasses.fields(RunConfig)}
 
-# The keys a node reads from the run config: where its data are and how nodes share them.
-NODE_DATA_KEYS = ("data", "data-root", "datasets", "partition", "dirichlet-alpha", "download", "skip-unreadable",
-                  "seed", "archive-share")
-# The keys that make a simulated node hostile (experiments on robust aggregation; attacks.py).
+# The keys a node reads from the run config: how the run splits and scores a site's data. Where
+# the data are, what the node may fetch or write and what it runs on are the site's (site.py).
+NODE_DATA_KEYS = ("partition", "dirichlet-alpha", "seed", "archive-share")
+# The keys that make a simulated node hostile (experiments on robust aggregation only:
+# simulation/hostile_app.py; the deployed ClientApp never reads them).
 NODE_ATTACK_KEYS = ("attack-nodes", "attack-factor")
 
 

@@ -127,21 +127,28 @@ class PrivacyLedger:
 
     def __init__(self, delta: float) -> None:
         self.delta = delta
-        self._accountants: dict[str, object] = {}
+        self._events: dict[str, list[tuple[float, float, int]]] = {}
 
     def spend(self, party: str, noise_multiplier: float, sample_rate: float, steps: int) -> None:
-        from opacus.accountants import RDPAccountant
-
-        accountant = self._accountants.setdefault(party, RDPAccountant())
-        accountant.history.append((noise_multiplier, sample_rate, steps))  # = `steps` calls of .step()
+        self._events.setdefault(party, []).append((noise_multiplier, sample_rate, steps))
 
     def epsilon(self, party: str) -> float:
-        accountant = self._accountants.get(party)
-        return 0.0 if accountant is None else float(accountant.get_epsilon(self.delta))
+        events = self._events.get(party)
+        return 0.0 if events is None else epsilon_of(events, self.delta)
 
     def worst_epsilon(self) -> float:
         """The largest epsilon of any party so far (0 before any release)."""
-        return max((self.epsilon(party) for party in self._accountants), default=0.0)
+        return max((self.epsilon(party) for party in self._events), default=0.0)
+
+
+def epsilon_of(events: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon at ``delta`` of the composed (noise multiplier, sample rate, steps) events, by
+    Opacus's RDP accountant (each event = ``steps`` calls of its ``.step()``)."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    accountant.history = list(events)
+    return float(accountant.get_epsilon(delta))
 
 
 def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps: int) -> float:

@@ -281,4 +281,7 @@ def _read_scores(scores: Any, at: str, split: str) -> dict[str, Any]:
         _expect(type(read[count]) is int and read[count] >= 0, f"{at}.{count}", read[count], "must be an integer >= 0")
     if old:
         read["n_scored"] = read.pop("n_test")
+    if "site_epsilon" in read:
+        _expect(_is_number(read["site_epsilon"], 0), f"{at}.site_epsilon", read["site_epsilon"],
+                "must be a number >= 0")
     return read

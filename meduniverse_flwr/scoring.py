@@ -35,5 +35,9 @@ def task_score(scores: list[EvalScore], problems: list[str], held_out: bool, spl
     with_auc = [score for score in scores if score.auc is not None]
     auc = (sum(score.auc * score.n_scored for score in with_auc) / sum(score.n_scored for score in with_auc)
            if with_auc else None)
-    return {"accuracy": sum(score.accuracy * score.n_scored for score in scores) / n_scored, "auc": auc,
-            "n_scored": n_scored, "split": split, "held_out": held_out}
+    entry = {"accuracy": sum(score.accuracy * score.n_scored for score in scores) / n_scored, "auc": auc,
+             "n_scored": n_scored, "split": split, "held_out": held_out}
+    spent = [score.site_epsilon for score in scores if score.site_epsilon is not None]
+    if spent:  # sites with a privacy floor: the most any of the task's sites says it has spent
+        entry["site_epsilon"] = max(spent)
+    return entry

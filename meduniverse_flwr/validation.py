@@ -96,6 +96,7 @@ class EvalScore:
     accuracy: float
     auc: float | None  # None: undefined on the node's scored split (a class is absent)
     n_scored: int  # examples scored: the card's count of the split asked for
+    site_epsilon: float | None = None  # what a site with a privacy floor says it has spent (site_ledger.py)
 
 
 def quote(value: object) -> str:
@@ -225,7 +226,7 @@ def check_eval_reply(metrics: Mapping[str, object], card: TaskCard, eval_split: 
     auc = None if isinstance(auc, float) and math.isnan(auc) else _fraction(auc, "auc")
     expected = card.n_val if eval_split == "val" else card.n_test
     n_scored = _whole_number(metrics.get("n-scored"), "n-scored", expected, expected)
-    return EvalScore(accuracy, auc, n_scored)
+    return EvalScore(accuracy, auc, n_scored, _optional(metrics, "site-epsilon", _FLOAT_MAX))
 
 
 def _one_line(text: str) -> str:

@@ -9,6 +9,7 @@ process group, stopped when it ends, failed or not.
 from __future__ import annotations
 
 import re
+import shutil
 import socket
 import subprocess
 from contextlib import contextmanager
@@ -19,6 +20,8 @@ from deploy.flwr_cli import BIN, flower_env, flwr, wait_for_superlink
 from deploy.processes import start, stop
 
 REPO = Path(__file__).resolve().parents[1]
+CLIENT_APP = 'clientapp = "meduniverse_flwr.client_app:app"'
+HOSTILE_CLIENT_APP = 'clientapp = "simulation.hostile_app:app"'
 
 
 def free_port() -> int:
@@ -55,10 +58,26 @@ def local_superlink(flwr_home: Path, cwd: Path):
         proc.wait()
 
 
+def hostile_app_dir(directory: Path) -> Path:
+    """A copy of this app under ``directory`` whose ClientApp is ``simulation.hostile_app``: what
+    experiments with hostile nodes run, so that the deployed app carries no attack path."""
+    app = directory / "hostile-app"
+    shutil.rmtree(app, ignore_errors=True)
+    for package in ("meduniverse_flwr", "simulation"):
+        shutil.copytree(REPO / package, app / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("README.md", "LICENSE"):  # named by pyproject.toml
+        shutil.copy2(REPO / name, app / name)
+    pyproject = (REPO / "pyproject.toml").read_text()
+    if pyproject.count(CLIENT_APP) != 1:
+        raise RuntimeError(f"pyproject.toml: expected one line {CLIENT_APP!r} to replace")
+    (app / "pyproject.toml").write_text(pyproject.replace(CLIENT_APP, HOSTILE_CLIENT_APP))
+    return app
+
+
 def start_flwr_run(env: dict, run_config: str, log_file: Path, federation_config: str | None = None,
-                   connection: str | None = None) -> subprocess.Popen:
-    """``flwr run <repo> [connection] --stream`` in the background, its output to ``log_file``."""
-    command = [str(BIN / "flwr"), "run", str(REPO), *([connection] if connection else []), "--stream",
+                   connection: str | None = None, app: Path = REPO) -> subprocess.Popen:
+    """``flwr run <app> [connection] --stream`` in the background, its output to ``log_file``."""
+    command = [str(BIN / "flwr"), "run", str(app), *([connection] if connection else []), "--stream",
                "--run-config", run_config, *(["--federation-config", federation_config] if federation_config else [])]
     with open(log_file, "w") as log:
         return subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -81,11 +100,11 @@ def finish_flwr_run(proc: subprocess.Popen, log_file: Path, timeout: float = 360
 
 
 def flwr_run(env: dict, run_config: str, federation_config: str | None = None, connection: str | None = None,
-             timeout: float = 3600) -> tuple[str, str]:
-    """``flwr run <repo> --stream`` to its end; returns (run id, output)."""
+             timeout: float = 3600, app: Path = REPO) -> tuple[str, str]:
+    """``flwr run <app> --stream`` to its end; returns (run id, output)."""
     log_file = Path(env["FLWR_HOME"]) / "flwr-run.log"
-    return finish_flwr_run(start_flwr_run(env, run_config, log_file, federation_config, connection), log_file,
-                           timeout)
+    return finish_flwr_run(start_flwr_run(env, run_config, log_file, federation_config, connection, app),
+                           log_file, timeout)
 
 
 def run_status(env: dict, run_id: str) -> str:

@@ -4,8 +4,10 @@ For tests and quick experiments (``benchmarks/compare_runs.py``); a run through
 it gives the same results as ``flwr run`` with the same config (same seeds).
 
 Each node has its own ``Context`` (node config with partition-id / num-partitions,
-as the simulation engine gives). ``tamper`` maps a node id to a function that
-rewrites that node's replies, to play a faulty or malicious node.
+as the simulation engine gives, plus a site's own keys from ``sites``, by partition id).
+A handler that raises answers with an error reply, as Flower's runtime does. ``tamper``
+maps a node id to a function that rewrites that node's replies, to play a faulty or
+malicious node.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from uuid import uuid4
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -28,12 +31,13 @@ def act_as_server() -> None:
 
 class InProcessGrid(Grid):
     def __init__(self, app: ClientApp, run_config: dict, num_nodes: int,
-                 tamper: dict[int, Callable[[Message], Message]] | None = None) -> None:
+                 tamper: dict[int, Callable[[Message], Message]] | None = None,
+                 sites: dict[int, dict] | None = None) -> None:
         act_as_server()
         self.app = app
         self.contexts = {
             1000 + p: Context(run_id=1, node_id=1000 + p,
-                              node_config={"partition-id": p, "num-partitions": num_nodes},
+                              node_config={"partition-id": p, "num-partitions": num_nodes, **(sites or {}).get(p, {})},
                               state=RecordDict(), run_config=dict(run_config))
             for p in range(num_nodes)
         }
@@ -60,7 +64,11 @@ class InProcessGrid(Grid):
             message.metadata.__dict__["_message_id"] = str(uuid4())
             self.pushed.append(message)
             node = message.metadata.dst_node_id
-            reply = self.app(message, self.contexts[node])
+            try:
+                reply = self.app(message, self.contexts[node])
+            except Exception as ex:  # the reason as Flower's runtime words it (run_clientapp.py)
+                reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(ex)}:<'{ex}'>"),
+                                reply_to=message)
             if node in self.tamper:
                 reply = self.tamper[node](reply)
             self._replies[message.metadata.message_id] = reply

@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 
 from meduniverse_flwr.config import KEYS, read_keys
 from simulation.experiment import federation_config, register, to_override_string, to_run_config
-from simulation.flower import flwr_run, local_superlink, run_status
+from simulation.flower import REPO, flwr_run, hostile_app_dir, local_superlink, run_status
 
 log = logging.getLogger(__name__)
 register()
@@ -37,8 +37,9 @@ def run_experiment(cfg: DictConfig, job_dir: Path) -> Path:
     run_config = to_run_config(cfg, output_dir=str(job_dir / "runs"))
     read_keys(run_config, KEYS)  # types and choices; server-side paths are checked by the ServerApp
     started = time.monotonic()
+    app = hostile_app_dir(job_dir) if run_config["attack-nodes"] > 0 else REPO  # simulation/hostile_app.py
     with local_superlink(job_dir / ".flwr", cwd=job_dir) as link:
-        run_id, output = flwr_run(link.env, to_override_string(run_config), federation_config(cfg))
+        run_id, output = flwr_run(link.env, to_override_string(run_config), federation_config(cfg), app=app)
         (job_dir / "flwr-run.log").write_text(output)
         status = run_status(link.env, run_id)
     if status != "finished:completed":

@@ -1,4 +1,5 @@
-"""A hostile simulated site (robustness experiments): what it sends, and what the defences make of it."""
+"""A hostile simulated site (robustness experiments, simulation/hostile_app.py): what it sends, what the
+defences make of it, and that the deployed ClientApp has no such path."""
 
 import json
 
@@ -11,6 +12,7 @@ from test_registries import sites  # noqa: F401 (fixture)
 from meduniverse_flwr import server_app
 from meduniverse_flwr.attacks import is_hostile, poisoned
 from meduniverse_flwr.client_app import app as client_app
+from simulation.hostile_app import app as hostile_app
 
 
 def test_a_hostile_update_is_the_honest_one_scaled_around_the_base():
@@ -27,11 +29,11 @@ def test_only_simulated_nodes_below_attack_nodes_are_hostile():
     assert not is_hostile({"dataset": "x"}, 5)  # a deployed SuperNode names its dataset, no partition
 
 
-def run(run_config, sites, tmp_path, **overrides):  # noqa: F811
+def run(run_config, sites, tmp_path, app=hostile_app, **overrides):  # noqa: F811
     config = run_config(**{"datasets": ",".join(sites["medmnist"]), "pretrain": "none", "probe_epochs": 1,
                            "batch_size": 16, "clients_per_stage": 2, "output_dir": str(tmp_path / "out"),
                            "attack_nodes": 1, **overrides})
-    server_app.main(InProcessGrid(client_app, config, 2),
+    server_app.main(InProcessGrid(app, config, 2),
                     Context(run_id=3, node_id=0, node_config={}, state=RecordDict(), run_config=config))
     return json.loads((tmp_path / "out" / "latest" / "results.json").read_text())["stages"][-1]
 
@@ -54,3 +56,14 @@ def test_without_a_bound_the_hostile_update_is_taken_and_its_size_recorded(facto
     # partition 0 (the first dataset entry) sent |factor| times its honest update; the other node did not
     assert hostile_ratios == pytest.approx({"pneumoniamnist": ratios["pneumoniamnist"] * abs(factor),
                                             "bloodmnist": ratios["bloodmnist"]}, rel=1e-3)
+
+
+def test_the_deployed_client_app_ignores_attack_nodes(run_config, sites, tmp_path):  # noqa: F811
+    """pyproject's ClientApp sends the honest update whatever the run config says; the hostile app,
+    on the same run config, does not (so the run config does reach the nodes)."""
+    honest = run(run_config, sites, tmp_path / "honest", app=client_app, attack_nodes=0, max_update_ratio=1e9)
+    asked = run(run_config, sites, tmp_path / "asked", app=client_app, attack_factor=10.0, max_update_ratio=1e9)
+    hostile = run(run_config, sites, tmp_path / "hostile", attack_factor=10.0, max_update_ratio=1e9)
+    ratios = [{node["task"]: node["update_ratio"] for node in stage["nodes"]} for stage in (honest, asked, hostile)]
+    assert ratios[1] == ratios[0] and ratios[2] != ratios[0]
+    assert asked["per_task"] == honest["per_task"]

@@ -1,6 +1,7 @@
 """conf/ + simulation/: composition, fail-fast validation, and a small real sweep."""
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -88,10 +89,13 @@ def test_bad_overrides_fail_before_anything_runs(override, message, tmp_path):
 
 
 def test_sweep_runs_jobs_writes_a_summary_and_leaves_no_process(tmp_path, tiny_sites):
+    """Job 1 also has a hostile node: it runs on its own app directory, whose ClientApp is the
+    simulation's hostile one (the deployed ClientApp ignores attack-nodes)."""
     sweep_dir = tmp_path / "sweep"
     result = run_cli(
         "--multirun", "num_stages=-1,1",  # job 0 is invalid (fails before any process starts), job 1 runs
         "local_epochs=1", "probe_epochs=2", "clients_per_stage=2", "pretrain=none",
+        "attack_nodes=1", "attack_factor=1000.0", "max_update_ratio=1e9",
         "federation.num_supernodes=2", f"datasets=[{','.join(tiny_sites[:2])}]", f"data_root={tmp_path / 'cache'}",
         f"hydra.sweep.dir={sweep_dir}",
     )
@@ -102,6 +106,11 @@ def test_sweep_runs_jobs_writes_a_summary_and_leaves_no_process(tmp_path, tiny_s
     assert [row["status"] for row in rows] == ["failed", "completed"]
     assert "num_stages=1" in rows[1]["overrides"] and float(rows[1]["final_mean_accuracy"]) > 0
     assert "| job |" in (sweep_dir / "summary.md").read_text()
+    app = (sweep_dir / "1" / "hostile-app" / "pyproject.toml").read_text()
+    assert 'clientapp = "simulation.hostile_app:app"' in app and "meduniverse_flwr.client_app" not in app
+    nodes = json.loads((sweep_dir / "1" / "results.json").read_text())["stages"][1]["nodes"]
+    ratios = {node["task"]: node["update_ratio"] for node in nodes}
+    assert ratios["pneumoniamnist"] > 10 > 1 > ratios["bloodmnist"]  # partition 0 sent 1000 x its update
     # every SuperLink / simulation / Ray process of the sweep ran with paths inside sweep_dir
     survivors = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     assert str(sweep_dir) not in survivors

@@ -11,6 +11,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from meduniverse_flwr.data import DataOptions, dataset_name, load_dataset, load_node_task
+from meduniverse_flwr.data.dicom import read_dicom
 from meduniverse_flwr.data.medmnist import FLAGS
 from meduniverse_flwr.data.npz import DataError
 
@@ -91,7 +92,9 @@ def test_csv_multilabel_and_unreadable_images(tmp_path):
     assert splits["train"].labels.tolist() == [[0, 1], [1, 1]]
 
 
-def write_dicom(path, pixels=None, slope=1.0, intercept=-1024.0):
+def write_dicom(path, pixels=None, slope=1.0, intercept=-1024.0, photometric="MONOCHROME2", window=(40, 400),
+                voi_lut=None):
+    """``window``: (centre, width), each a number or a list (multi-valued); ``voi_lut``: (descriptor, data)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -100,11 +103,20 @@ def write_dicom(path, pixels=None, slope=1.0, intercept=-1024.0):
     ds.file_meta = meta
     ds.Modality, ds.SOPInstanceUID = "CT", meta.MediaStorageSOPInstanceUID
     if pixels is not None:
-        ds.Rows, ds.Columns = pixels.shape
+        ds.Rows, ds.Columns = pixels.shape[:2]
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = (pixels.shape[2] if pixels.ndim == 3 else 1), photometric
+        if pixels.ndim == 3:
+            ds.PlanarConfiguration = 0
         ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-        ds.WindowCenter, ds.WindowWidth = 40, 400
+        if window is not None:
+            ds.WindowCenter, ds.WindowWidth = window
+        if voi_lut is not None:
+            descriptor, data = voi_lut
+            item = pydicom.Dataset()
+            item.add_new("LUTDescriptor", "US", descriptor)
+            item.add_new("LUTData", "OW", np.asarray(data, dtype="<u2").tobytes())  # OW, as scanners write it
+            ds.VOILUTSequence = [item]
         ds.PixelData = pixels.astype(np.uint16).tobytes()
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
@@ -130,3 +142,38 @@ def test_dicom_folder_rescale_window_and_missing_pixels(tmp_path):
         csv.writer(handle).writerow(["train", "empty.dcm", "0"])
     with pytest.raises(DataError, match=r"DICOM .*empty.dcm: has no pixel data"):
         load_dataset(f"dicom:{root}", DataOptions(image_size=28))
+
+
+GRADIENT = np.arange(256).reshape(16, 16) * 16  # stored 0..4080, brightest at the last pixel
+
+
+@pytest.mark.parametrize("window", [None, ([2040, 100], [4000, 1])], ids=["percentile", "multi-valued-window"])
+def test_dicom_monochrome1_is_inverted(window, tmp_path):
+    # the second window (width 1) would saturate everything: only the first one may be used
+    decoded = {}
+    for photometric in ("MONOCHROME1", "MONOCHROME2"):
+        path = tmp_path / f"{photometric}.dcm"
+        write_dicom(path, GRADIENT, slope=1.0, intercept=0.0, photometric=photometric, window=window)
+        decoded[photometric] = read_dicom(path, 16).astype(int)
+    assert len(np.unique(decoded["MONOCHROME2"])) > 100
+    assert np.abs(decoded["MONOCHROME1"] - (255 - decoded["MONOCHROME2"])).max() <= 1
+    assert decoded["MONOCHROME1"][15, 15] == 0 and decoded["MONOCHROME2"][15, 15] == 255
+
+
+def test_dicom_voi_lut_sequence_wins_over_the_window(tmp_path):
+    stored = np.arange(256).reshape(16, 16)
+    step = [0] * 128 + [65535] * 128  # non-linear: low half black, high half white
+    path = tmp_path / "lut.dcm"
+    write_dicom(path, stored, slope=1.0, intercept=0.0, voi_lut=([256, 0, 16], step))  # keeps the 40/400 window too
+    image = read_dicom(path, 16)
+    assert (image[stored < 128] == 0).all() and (image[stored >= 128] == 255).all()
+
+
+@pytest.mark.parametrize("photometric", ["RGB", "PALETTE COLOR"])
+def test_dicom_colour_is_rejected_in_one_line(photometric, tmp_path):
+    pixels = np.zeros((16, 16, 3) if photometric == "RGB" else (16, 16))
+    path = tmp_path / "colour.dcm"
+    write_dicom(path, pixels, photometric=photometric)
+    with pytest.raises(DataError, match=rf"DICOM .*colour.dcm: PhotometricInterpretation '{photometric}'") as err:
+        read_dicom(path, 16)
+    assert "\n" not in str(err.value)

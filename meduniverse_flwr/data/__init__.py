@@ -104,11 +104,17 @@ class DataOptions:
     download: bool = False
     skip_unreadable: bool = False
     archive_share: float = 0.0  # share of each train split set apart for the server (never the node's)
+    cache: str = ""  # where a node writes (decoded data, extracted embedded tasks); "" = cache_root(root)
 
 
 def cache_root(data_root: str) -> Path:
     """Where the embedded data and pretrained bases are cached: ``data-root`` or the default."""
     return Path(data_root).expanduser() if data_root else DEFAULT_ROOT
+
+
+def write_dir(options: DataOptions) -> Path:
+    """Where a node with these options writes: its cache directory, else under its data root."""
+    return Path(options.cache).expanduser() if options.cache else cache_root(options.root)
 
 
 def options_from(values: Mapping[str, Any], image_size: int) -> DataOptions:
@@ -135,7 +141,7 @@ def embedded_source(spec: str, options: DataOptions) -> tuple[TaskCard, dict[str
     if spec not in EMBEDDED_TASKS:
         raise DataError(f"dataset '{spec}': not in the embedded universe {sorted(EMBEDDED_TASKS)}")
     info = EMBEDDED_TASKS[spec]
-    splits = load_embedded(spec, cache_root(options.root))
+    splits = load_embedded(spec, write_dir(options))
     return TaskCard(spec, info.modality, len(info.classes), info.label_kind, *_counts(splits), info.classes), splits
 
 
@@ -174,7 +180,7 @@ def npz_paths(spec: str, options: DataOptions) -> tuple[Path, ...]:
 
 
 def embedded_paths(spec: str, options: DataOptions) -> tuple[Path, ...]:
-    return (task_path(cache_root(options.root), spec),)
+    return (task_path(write_dir(options), spec),)
 
 
 def medmnist_paths(spec: str, options: DataOptions) -> tuple[Path, ...]:
@@ -226,8 +232,9 @@ def load_node_task(entry: str, shard: int, n_shards: int, options: DataOptions) 
     """A node's task: shard ``shard`` of ``n_shards`` of the dataset ``entry``. Cached per process,
     and decoded on disk (``data.cache``), since a deployed node starts a process per message."""
     source, spec = parse_entry(entry, options.source)
-    directory = cache_root(options.root) / CACHE_DIR
-    key = json.dumps([entry, shard, n_shards, dataclasses.asdict(options)])
+    directory = write_dir(options) / CACHE_DIR
+    # where the cache lies is not what it holds
+    key = json.dumps([entry, shard, n_shards, {**dataclasses.asdict(options), "cache": ""}])
     try:
         # hashed before decoding: a source that changes meanwhile is decoded again on the next load
         path = cache_path(directory, key, source_hash(registry.resolve(SOURCES[source].paths)(spec, options), directory))

@@ -1,8 +1,11 @@
 """DICOM datasets: a folder of DICOM files plus ``labels.csv`` (same format as image folders).
 
-Stored values go through the modality LUT (RescaleSlope / RescaleIntercept, e.g.
-to Hounsfield units) and then a window: the file's WindowCenter / WindowWidth
-when present, else its 1st..99th percentile.
+Grayscale only (MONOCHROME1 / MONOCHROME2). Display goes through pydicom's own LUT functions
+rather than hand-written maths, so files decode as a DICOM viewer shows them: the modality LUT
+(RescaleSlope / RescaleIntercept or a Modality LUT Sequence, e.g. to Hounsfield units), then the
+file's VOI LUT Sequence or else its first WindowCenter / WindowWidth, else the 1st..99th
+percentile; MONOCHROME1 (X-ray film convention: high values dark) is inverted so that bright
+always means high.
 """
 
 from __future__ import annotations
@@ -16,13 +19,25 @@ import torch.nn.functional as F
 from .folder import read_labels_csv, read_splits
 from .npz import DataError, Split
 
+GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")  # the photometric interpretations this reader decodes
 
-def _first(value) -> float:
-    """WindowCenter / WindowWidth may be multi-valued: use the first."""
-    try:
-        return float(value[0])
-    except TypeError:
-        return float(value)
+
+def _display(pixels: np.ndarray, ds) -> np.ndarray:
+    """Stored values -> float 0..1 through the modality and VOI LUTs."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = apply_modality_lut(pixels, ds)
+    if ds.get("VOILUTSequence"):
+        # LUT entries are indexed by integers; the output spans the LUT's declared bit depth
+        values = apply_voi_lut(np.rint(values).astype(np.int64), ds)
+        low, high = 0, 2 ** int(ds.VOILUTSequence[0].LUTDescriptor[2]) - 1
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        values = apply_voi_lut(values, ds)
+        # pydicom maps the window onto the rescaled stored range: its ends are where -inf / +inf land
+        low, high = apply_voi_lut(np.array([-np.inf, np.inf]), ds)
+    else:
+        low, high = np.percentile(values, [1, 99])
+    return np.clip((values - low) / max(high - low, 1e-6), 0, 1)
 
 
 def read_dicom(path: Path, image_size: int) -> np.ndarray:
@@ -36,19 +51,22 @@ def read_dicom(path: Path, image_size: int) -> np.ndarray:
         raise DataError(f"DICOM {path}: cannot be read ({err})") from None
     if "PixelData" not in ds:
         raise DataError(f"DICOM {path}: has no pixel data")
+    photometric = ds.get("PhotometricInterpretation")
+    if photometric not in GRAYSCALE:
+        raise DataError(f"DICOM {path}: PhotometricInterpretation {photometric!r} is not supported "
+                        "(grayscale MONOCHROME1/MONOCHROME2 only; RGB and other colour DICOM are not)")
     try:
-        pixels = ds.pixel_array.astype(np.float64)
+        pixels = ds.pixel_array
     except Exception as err:  # pydicom raises many types for undecodable pixel data
         raise DataError(f"DICOM {path}: pixel data cannot be decoded ({err})") from None
     if pixels.ndim != 2:
         raise DataError(f"DICOM {path}: expected one 2D grayscale frame, got shape {pixels.shape}")
-    values = pixels * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        centre, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
-        low, high = centre - width / 2, centre + width / 2
-    else:
-        low, high = np.percentile(values, [1, 99])
-    scaled = np.clip((values - low) / max(high - low, 1e-6), 0, 1) * 255
+    try:
+        scaled = _display(pixels, ds) * 255
+    except Exception as err:  # malformed LUTs and windows surface as many types
+        raise DataError(f"DICOM {path}: modality / VOI LUT cannot be applied ({err})") from None
+    if photometric == "MONOCHROME1":
+        scaled = 255 - scaled
     resized = F.interpolate(torch.from_numpy(scaled)[None, None].float(), size=(image_size, image_size),
                             mode="bilinear", antialias=True)
     return resized[0, 0].round().byte().numpy()
