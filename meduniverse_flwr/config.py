@@ -84,6 +84,8 @@ class RunConfig:
     lr: float
     weight_decay: float
     layer_decay: float
+    augment: str
+    input_norm: str
     seed: int
     stage_timeout: float
     oversample: float
@@ -216,7 +218,8 @@ CHECKS: dict[str, Check] = {
     "num-stages": _at_least(0),
     "clients-per-stage": _at_least(1),
     "local-epochs": _at_least(1),
-    "model": _one_of(registry.MODELS),
+    "model": _rule(lambda value: value in registry.MODELS or value.startswith(registry.TIMM_VIT_PREFIX),
+                   f"must be one of {tuple(registry.MODELS)} or a timm ViT name ({registry.TIMM_VIT_PREFIX}...)"),
     "image-size": _at_least(8),
     "data": _one_of(registry.SOURCES),
     "datasets": _rule(lambda value: len(value) >= 1, "must name at least one dataset"),
@@ -237,6 +240,8 @@ CHECKS: dict[str, Check] = {
     "lr": _rule(lambda value: value > 0, "must be > 0"),
     "weight-decay": _at_least(0),
     "layer-decay": _rule(lambda value: 0.0 < value <= 1.0, "must be in (0, 1] (1.0: no layer-wise lr decay)"),
+    "augment": _one_of(registry.AUGMENTATIONS),
+    "input-norm": _one_of(registry.INPUT_NORMS),
     "stage-timeout": _rule(lambda value: value > 0, "must be > 0"),
     "oversample": _rule(lambda value: value >= 1.0, "must be >= 1 (ask at least K nodes)"),
     "min-replies": _at_least(1),

@@ -17,6 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from . import registry
 from .config import ConfigError, RunConfig, read_keys
+from .augment import augmentation_for
 from .privacy import DPSGD
 from .task import TrainSettings, resolve_device
 from .transport import TRANSPORT_DTYPES, decode, encode
@@ -149,6 +150,8 @@ class Instructions:
     seed: int
     eval_mode: str
     layer_decay: float
+    augment: str
+    input_norm: str
     eval_split: str
     eval_labels: int
     node_metrics: bool
@@ -170,7 +173,8 @@ class Instructions:
         return cls(model=config.model, image_size=config.image_size, transport_dtype=config.transport_dtype,
                    device=config.device, epochs=epochs, lr=config.lr, weight_decay=config.weight_decay,
                    batch_size=config.batch_size, seed=config.seed, eval_mode=config.eval_mode,
-                   layer_decay=config.layer_decay, eval_split=config.eval_split, eval_labels=config.eval_labels,
+                   layer_decay=config.layer_decay, augment=config.augment, input_norm=config.input_norm,
+                   eval_split=config.eval_split, eval_labels=config.eval_labels,
                    node_metrics=config.node_metrics, compile=config.compile, node_keeps=entry.node_keeps,
                    node_term=entry.node_term, term_settings=tuple((key, settings[key]) for key in term_keys),
                    dp=config.dp, dp_clip_norm=config.dp_clip_norm, dp_noise_multiplier=config.dp_noise_multiplier,
@@ -207,4 +211,5 @@ class Instructions:
                   if self.dp == "example" else None)
         return TrainSettings(self.epochs, self.lr, self.weight_decay, self.batch_size, self.seed,
                              resolve_device(self.device), self.compile, self.layer_decay, self.eval_split, dp_sgd,
-                             self.eval_labels, self.node_term, self.term_settings)
+                             self.eval_labels, self.node_term, self.term_settings,
+                             augment=augmentation_for(self.augment, self.image_size), input_norm=self.input_norm)

@@ -8,16 +8,18 @@ part the server aggregates, checkpoints, and that loads strictly into
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from .files import write_atomic
-from .registry import MODELS  # the backbones by name, with their widths and depths
+from .registry import MODELS, TIMM_VIT_PREFIX  # the backbones by name, with their widths and depths
 
 HEAD_PREFIX = "head."
 # load_state_dict would silently cast any dtype; float8 and integers are no weights we write
@@ -36,34 +38,45 @@ def default_patch_size(image_size: int) -> int:
 def create_model(
     name: str, image_size: int, num_classes: int = 0, in_chans: int = 3, patch_size: int | None = None
 ) -> VisionTransformer:
-    """The timm ViT called ``name``; ``num_classes=0`` gives the bare backbone."""
-    if name not in MODELS:
-        raise ValueError(f"model '{name}': unknown, choose one of {sorted(MODELS)}")
-    spec = MODELS[name]
+    """The ViT called ``name`` (one of ``MODELS``, or any timm ViT architecture name) at the
+    federation's image and patch size; ``num_classes=0`` gives the bare backbone."""
     patch = patch_size or default_patch_size(image_size)
     if image_size % patch:
         raise ValueError(f"model '{name}': image size {image_size} is not a multiple of patch size {patch}")
-    return VisionTransformer(
-        img_size=image_size,
-        patch_size=patch,
-        in_chans=in_chans,
-        num_classes=num_classes,
-        embed_dim=spec.embed_dim,
-        depth=spec.depth,
-        num_heads=spec.num_heads,
-        # Mean-pooled tokens suit MIM-pretrained encoders; fc_norm=False keeps
-        # the parameter names identical to timm's default ViT.
-        global_pool="avg",
-        fc_norm=False,
-    )
+    # Mean-pooled tokens suit MIM-pretrained encoders; fc_norm=False keeps the parameter names
+    # identical to timm's default ViT (the final ``norm``).
+    sizes = dict(img_size=image_size, patch_size=patch, in_chans=in_chans, num_classes=num_classes,
+                 global_pool="avg", fc_norm=False)
+    if name in MODELS:
+        spec = MODELS[name]
+        return VisionTransformer(embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads, **sizes)
+    return timm_vit(name, sizes)
+
+
+def timm_vit(name: str, sizes: dict) -> VisionTransformer:
+    """timm's architecture ``name`` with the federation's sizes; a one-line error unless it is a
+    ViT with one class token (the layout the heads, the aggregation and the MIM models assume)."""
+    import timm
+
+    if not name.startswith(TIMM_VIT_PREFIX) or not timm.is_model(name):
+        raise ValueError(f"model '{name}': unknown, choose one of {sorted(MODELS)} or a timm ViT name "
+                         f"(timm.list_models('{TIMM_VIT_PREFIX}*'))")
+    model = timm.create_model(name, pretrained=False, **sizes)
+    if not isinstance(model, VisionTransformer) or model.cls_token is None or model.num_prefix_tokens != 1:
+        raise ValueError(f"model '{name}': not a ViT with one class token and no register tokens")
+    return model
 
 
 def create_backbone(name: str, image_size: int, in_chans: int = 3) -> VisionTransformer:
     return create_model(name, image_size, num_classes=0, in_chans=in_chans)
 
 
+@functools.cache
 def embed_dim(name: str) -> int:
-    return MODELS[name].embed_dim
+    if name in MODELS:
+        return MODELS[name].embed_dim
+    with torch.device("meta"):  # its width, without allocating its weights
+        return create_model(name, 32, patch_size=16).embed_dim
 
 
 def new_head_state(in_features: int, num_outputs: int, seed: int) -> dict[str, torch.Tensor]:
@@ -144,3 +157,65 @@ def tensors_problem(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[
     if not_finite:
         return f"non-finite values in {not_finite[:3]}"
     return ""
+
+
+# ------------------------------------------------------------------ a public checkpoint as the base
+# what a MIM or classification checkpoint carries besides the backbone
+NOT_BACKBONE = ("head.", "decoder_", "mask_token", "head_dist.", "dist_token")
+
+
+def load_pretrained(path: Path, model: VisionTransformer) -> list[str]:
+    """Load a timm-layout ViT checkpoint of ``model``'s width and depth into ``model``, whatever
+    its patch and image size (``fit_checkpoint``); what was adapted, one line each. The file is
+    untrusted: floats only, finite, and what is left after fitting must fit exactly."""
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"checkpoint {path}: cannot read ({err})") from None
+    not_float = [k for k, t in state.items() if t.dtype not in FLOAT_DTYPES]
+    if not_float:
+        raise ValueError(f"checkpoint {path}: not float16/bfloat16/float32/float64: {not_float[:3]}")
+    try:
+        fitted, adapted = fit_checkpoint(state, model)
+    except ValueError as err:
+        raise ValueError(f"checkpoint {path}: {err}") from None
+    expected = {k: (v.shape, None) for k, v in model.state_dict().items() if not k.startswith(HEAD_PREFIX)}
+    problem = tensors_problem(fitted, expected)
+    if problem:
+        raise ValueError(f"checkpoint {path}: {problem}")
+    model.load_state_dict(fitted, strict=False)  # complete for the backbone, checked above
+    return adapted
+
+
+def fit_checkpoint(state: dict[str, torch.Tensor], model: VisionTransformer) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """``state`` fitted to ``model`` (float32), and what was adapted: head and MIM-decoder keys
+    dropped, one input channel repeated to three, patch and position embeddings resampled with
+    timm's own functions (bicubic, antialiased). The width and depth must be the model's; a
+    one-line ValueError names the first mismatch."""
+    adapted = [f"dropped {len(dropped)} head / decoder keys"] if (dropped := [k for k in state
+                                                                            if k.startswith(NOT_BACKBONE)]) else []
+    state = {k: v.float() for k, v in state.items() if not k.startswith(NOT_BACKBONE)}
+    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
+        if key not in state:
+            raise ValueError(f"has no '{key}': not a timm-layout ViT with a class token")
+    width = state["cls_token"].shape[-1]
+    depth = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.")), default=-1)
+    if (width, depth) != (model.embed_dim, len(model.blocks)):
+        raise ValueError(f"width {width}, depth {depth}: the model '{model.embed_dim} wide, {len(model.blocks)} deep' "
+                         "needs the same (patch and image size may differ)")
+    weight, target = state["patch_embed.proj.weight"], model.patch_embed.proj.weight.shape
+    if weight.shape[1] == 1 and target[1] == 3:  # a grayscale encoder: the same response to gray inputs
+        weight, adapted = weight.repeat(1, 3, 1, 1) / 3, adapted + ["1 input channel repeated to 3"]
+    if weight.shape[-2:] != target[-2:]:
+        adapted.append(f"patch {weight.shape[-1]} resampled to {target[-1]}")
+        weight = resample_patch_embed(weight, list(target[-2:]))
+    state["patch_embed.proj.weight"] = weight
+    positions, prefix = state["pos_embed"], model.num_prefix_tokens
+    grid = math.isqrt(positions.shape[1] - prefix)
+    if grid * grid != positions.shape[1] - prefix:
+        raise ValueError(f"pos_embed {tuple(positions.shape)}: not {prefix} class token(s) and a square grid")
+    if positions.shape != model.pos_embed.shape:
+        adapted.append(f"position grid {grid}x{grid} resampled to {'x'.join(map(str, model.patch_embed.grid_size))}")
+        state["pos_embed"] = resample_abs_pos_embed(positions, list(model.patch_embed.grid_size),
+                                                    num_prefix_tokens=prefix)
+    return state, adapted

@@ -14,7 +14,8 @@ from torch import nn
 
 from .data import NodeTask
 from .model import create_model, embed_dim, new_head_state
-from .task import TrainSettings, cosine_with_warmup, param_groups, random_flip, to_input, train_step
+from .augment import augmented
+from .task import TrainSettings, cosine_with_warmup, param_groups, to_input, train_step
 
 
 def train_pooled(
@@ -56,7 +57,7 @@ def train_pooled(
             task, index = batches[position]
             images, labels = data[task]
             index = index.to(device)
-            x = random_flip(to_input(images[index], device), generator)
+            x = augmented(to_input(images[index], device, settings.input_norm), settings.augment, generator)
             loss = train_step(lambda batch: head_modules[task](model(batch)), x, labels[index],
                               tasks[names[task]].card.label_kind, optimizer, schedule, device)
             total += loss.double() * len(index)

@@ -34,6 +34,12 @@ def resolve(target: str) -> Any:
 # clips and noises the stage's aggregate; "example": each site fine-tunes with DP-SGD (privacy.py).
 DP_LEVELS = ("off", "site", "example")
 DEVICES = ("auto", "cpu", "cuda")
+TIMM_VIT_PREFIX = "vit_"  # any timm ViT architecture by name (vit_base_patch16_224, ...), checked where it is built
+AUGMENTATIONS = ("auto", "flip", "crop-flip")  # training augmentation (augment.py): auto = crop-flip from 64 px
+# input scaling, uint8 -> (x / 255 - mean) / std per channel: [-1, 1] (this project's), or a
+# checkpoint's own (ImageNet statistics, as timm's MAE / DeiT weights expect)
+INPUT_NORMS = {"symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+               "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))}
 EVAL_SPLITS = ("test", "val")  # what the evaluation protocols score on (val: for choosing settings)
 ON_EXCESS = ("reject", "clip")  # an update above max-update-ratio x the base's norm (validation.py)
 NODE_KEEPS = ("nothing", "head", "model")  # what a node keeps between its messages (travels in each)

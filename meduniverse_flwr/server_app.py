@@ -20,7 +20,7 @@ from . import registry
 from .config import ConfigError, RunConfig
 from .data import cache_root, options_from
 from .data.corpus import load_corpus
-from .model import create_backbone, load_backbone
+from .model import create_backbone, load_backbone, load_pretrained
 from .pretrain import PretrainSettings, pretrain
 from .run_table import format_table, run_files
 from .results import RunOutputs, stage_entry, summarize
@@ -40,13 +40,19 @@ def initial_base(config: RunConfig) -> dict[str, torch.Tensor]:
         # held-out domains stay unseen, test splits are never used
         corpus = load_corpus(config.pretrain_corpus or config.training_datasets,
                              options_from(vars(config), config.image_size), archived=config.training_datasets)
-        settings = PretrainSettings(method=config.pretrain, epochs=config.pretrain_epochs, seed=config.seed)
+        settings = PretrainSettings(method=config.pretrain, epochs=config.pretrain_epochs, seed=config.seed,
+                                    input_norm=config.input_norm)
         log(INFO, "pretraining the base: %s, %d epochs on %d unlabeled images", config.pretrain,
             config.pretrain_epochs, len(corpus))
         path = pretrain(config.model, config.image_size, corpus, settings,
                         pretrain_cache_dir(config, settings, len(corpus)), config.device).encoder_path
-    else:
+    else:  # a checkpoint of the model's width and depth, from anywhere: fitted to the run's sizes
         path = Path(config.pretrain).expanduser()
+        backbone = create_backbone(config.model, config.image_size)
+        for line in load_pretrained(path, backbone):
+            log(INFO, "stage-0 base from %s: %s", path, line)
+        log(INFO, "stage-0 base loaded from %s", path)
+        return backbone.state_dict()
     log(INFO, "stage-0 base loaded from %s", path)
     return base_from_checkpoint(config, path)
 

@@ -21,8 +21,9 @@ from . import metrics, registry
 from .data import NodeTask, TaskData, stratify_by
 from .data.partition import stratified_subset
 from .model import create_model, embed_dim, merge_state, new_head_state, split_state
+from .augment import augmented
 from .privacy import DPSGD, make_private, noise_only_step, poisson_batches
-from .registry import EVAL_PROTOCOLS, EVAL_SPLITS
+from .registry import EVAL_PROTOCOLS, EVAL_SPLITS, INPUT_NORMS
 
 PROBE_LR = 1e-2  # a linear probe on standardised features tolerates a large step
 WARMUP_FRACTION = 0.05
@@ -43,6 +44,8 @@ class TrainSettings:
     eval_labels: int = 0  # labelled train examples the evaluation protocols may use (stratified, seeded); 0 = all
     node_term: str = ""  # a registry.NODE_TERMS entry added to the site's training loss (e.g. FedProx's)
     term_settings: tuple[tuple[str, float], ...] = ()  # its run-config keys and values
+    augment: str = "flip"  # the training recipe (augment.py), resolved for the image size
+    input_norm: str = "symmetric"  # registry.INPUT_NORMS: how uint8 images become inputs
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,16 +62,18 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
-def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 [0, 255], 1 or 3 channels -> float [-1, 1], 3 channels (grayscale repeated)."""
-    x = images.to(device, non_blocking=True).float().mul_(2.0 / 255.0).sub_(1.0)
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-
-
-def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Flip each image horizontally with probability 1/2 (one batched op)."""
-    flip = torch.rand(len(x), generator=generator) < 0.5
-    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+def to_input(images: torch.Tensor, device: torch.device, norm: str = "symmetric") -> torch.Tensor:
+    """uint8 [0, 255], 1 or 3 channels -> float (x / 255 - mean) / std (``registry.INPUT_NORMS``),
+    3 channels (grayscale repeated)."""
+    mean, std = INPUT_NORMS[norm]
+    x = images.to(device, non_blocking=True).float()
+    if len(set(mean)) == 1 and len(set(std)) == 1:  # one scale for every channel: before the repeat
+        x = x.mul_(1.0 / (255.0 * std[0])).sub_(mean[0] / std[0])
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    scale = torch.tensor([1.0 / (255.0 * s) for s in std], device=device)[:, None, None]
+    shift = torch.tensor([m / s for m, s in zip(mean, std)], device=device)[:, None, None]
+    return x * scale - shift
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, label_kind: str) -> torch.Tensor:
@@ -193,9 +198,10 @@ def fit(model: nn.Module, data: TaskData, label_kind: str, settings: TrainSettin
                     schedule.step()
                     continue
                 index = index.to(device)
-                x = to_input(images[index], device) if images.dtype == torch.uint8 else images[index]
+                x = to_input(images[index], device, settings.input_norm) if images.dtype == torch.uint8 \
+                    else images[index]
                 if augment:
-                    x = random_flip(x, generator)
+                    x = augmented(x, settings.augment, generator)
                 loss = train_step(forward, x, labels[index], label_kind, optimizer, schedule, device, term)
                 total += loss.double() * len(index)  # float64, as exact as a Python float sum
                 seen += len(index)
@@ -207,14 +213,15 @@ def fit(model: nn.Module, data: TaskData, label_kind: str, settings: TrainSettin
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device,
+            norm: str = "symmetric") -> torch.Tensor:
     """Model outputs for uint8 images (or ready float features), in order, on the CPU."""
     model.to(device).eval()
     images = images.to(device)  # once, not per batch
     outputs = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size]
-        x = to_input(batch, device) if batch.dtype == torch.uint8 else batch
+        x = to_input(batch, device, norm) if batch.dtype == torch.uint8 else batch
         with autocast(device):
             outputs.append(model(x).float())
     return torch.cat(outputs).cpu()  # one copy to the host, not one per batch
@@ -236,8 +243,8 @@ def linear_probe(
     settings: TrainSettings,
 ) -> dict[str, float]:
     """Frozen backbone, fresh linear head trained on standardised features, scored on ``test``."""
-    train_features = predict(backbone, train.images, settings.batch_size, settings.device)
-    test_features = predict(backbone, test.images, settings.batch_size, settings.device)
+    train_features = predict(backbone, train.images, settings.batch_size, settings.device, settings.input_norm)
+    test_features = predict(backbone, test.images, settings.batch_size, settings.device, settings.input_norm)
     mean, std = train_features.mean(0), train_features.std(0).clamp_min(1e-6)
     torch.manual_seed(settings.seed)
     head = nn.Linear(train_features.shape[1], n_outputs)
@@ -265,8 +272,8 @@ def train_on_task(
     loss = fit(model, task.train, task.card.label_kind, settings, term=term)
     metrics = {"num-examples": len(task.train)} | ({} if settings.dp_sgd else {"train-loss": loss})
     if validate:
-        val = score(predict(model, task.val.images, settings.batch_size, settings.device), task.val.labels,
-                    task.card.label_kind)
+        val = score(predict(model, task.val.images, settings.batch_size, settings.device, settings.input_norm),
+                    task.val.labels, task.card.label_kind)
         metrics.update({"val-accuracy": val["accuracy"], "val-auc": val["auc"]})
     backbone, head = split_state({k: v.detach().cpu() for k, v in model.state_dict().items()})
     return backbone, head, {**metrics, "seconds": time.perf_counter() - started}
@@ -306,7 +313,8 @@ def finetune_score(model_name: str, image_size: int, task: NodeTask, backbone: d
     model.load_state_dict(merge_state(backbone, head), strict=True)
     fit(model, task.train, card.label_kind, settings)
     scored = eval_data(task, settings.eval_split)
-    return score(predict(model, scored.images, settings.batch_size, settings.device), scored.labels, card.label_kind)
+    return score(predict(model, scored.images, settings.batch_size, settings.device, settings.input_norm),
+                 scored.labels, card.label_kind)
 
 
 def scoring_labels(train: TaskData, count: int, seed: int) -> TaskData:

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from simulation.experiment import register, to_run_config
 
-from meduniverse_flwr.config import KEYS, RunConfig, read_keys
+from meduniverse_flwr.config import KEYS, ConfigError, RunConfig, read_keys
 from meduniverse_flwr.registry import STRATEGIES
 
 
@@ -36,18 +36,29 @@ def test_every_strategy_has_a_preset(name):
     assert compose_run_config(f"strategy={name}")["strategy"] == name
 
 
+# what a preset requires its user to give (a placeholder in its yaml): a file that exists
+GIVEN = {"arrival-mae-vitb-gpu": [f"pretrain={ROOT / 'pyproject.toml'}"]}
+
+
+def test_a_preset_that_needs_a_value_says_which():
+    with pytest.raises(ConfigError, match="'pretrain' = 'GIVE-THE-CONVERTED-ENCODER-PATH': must be one of"):
+        RunConfig.from_run_config(compose_run_config("+experiment=arrival-mae-vitb-gpu"))
+
+
 @pytest.mark.parametrize("experiment", sorted(path.stem for path in (ROOT / "conf" / "experiment").glob("*.yaml")))
 def test_every_experiment_preset_composes_to_checked_keys_and_sweeps_registered_strategies_or_arms(experiment):
-    run_config = compose_run_config(f"+experiment={experiment}")
+    given = GIVEN.get(experiment, [])
+    run_config = compose_run_config(f"+experiment={experiment}", *given)
     read_keys(run_config, KEYS)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        sweep = compose(config_name="config", overrides=[f"+experiment={experiment}"], return_hydra_config=True)
+        sweep = compose(config_name="config", overrides=[f"+experiment={experiment}", *given],
+                        return_hydra_config=True)
     params = sweep.hydra.sweeper.params
     strategies, arms = (set(params.get(key, "").split(",")) - {""} for key in ("strategy", "arm"))
     assert strategies <= set(STRATEGIES) and arms <= ARMS and (strategies or arms)
     assert len(params["seed"].split(",")) >= 1
     for arm in arms:  # each arm's own settings win over the preset's
-        with_arm = compose_run_config(f"+experiment={experiment}", f"arm={arm}")
+        with_arm = compose_run_config(f"+experiment={experiment}", f"arm={arm}", *given)
         RunConfig.from_run_config(with_arm)
         for key, value in OmegaConf.load(ROOT / "conf" / "arm" / f"{arm}.yaml").items():
             assert with_arm[key.replace("_", "-")] == value, (arm, key)

@@ -26,7 +26,8 @@ TUNED = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "mask_ra
 def main(argv: list[str] | None = None) -> None:
     declared = declared_defaults()
     # as the ServerApp builds them: the run-config keys it passes, the rest PretrainSettings' own
-    defaults = PretrainSettings(method=declared["pretrain"], epochs=declared["pretrain-epochs"], seed=declared["seed"])
+    defaults = PretrainSettings(method=declared["pretrain"], epochs=declared["pretrain-epochs"], seed=declared["seed"],
+                                input_norm=declared["input-norm"])
     parser = argparse.ArgumentParser(prog="python -m meduniverse_flwr.pretrain", description=__doc__.split("\n\n")[0])
     parser.add_argument("--method", choices=list(registry.PRETRAIN_METHODS), default=defaults.method)
     parser.add_argument("--model", default=declared["model"])
@@ -41,11 +42,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument("--" + field.replace("_", "-"), type=type(default), default=default)
     parser.add_argument("--norm-pix-loss", action="store_true", help="per-patch normalised MAE targets")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on CUDA")
+    parser.add_argument("--input-norm", choices=list(registry.INPUT_NORMS), default=defaults.input_norm)
     parser.add_argument("--device", default=declared["device"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         settings = PretrainSettings(method=args.method, norm_pix_loss=args.norm_pix_loss, bf16=not args.fp32,
+                                    input_norm=args.input_norm,
                                     **{field: getattr(args, field) for field in TUNED})
         images = load_corpus(split_list(args.datasets), DataOptions(args.data, args.data_root, args.image_size))
         logger.info("pretrain corpus: %d unlabeled images from %s", len(images), args.datasets)

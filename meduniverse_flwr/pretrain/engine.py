@@ -53,6 +53,7 @@ class PretrainSettings:
     # since the weights differ. Measured on an H200 in benchmarks/README.md.
     bf16: bool = True
     seed: int = 0
+    input_norm: str = "symmetric"  # registry.INPUT_NORMS: the scaling the nodes fine-tune with too
 
     def __post_init__(self) -> None:
         methods = registry.PRETRAIN_METHODS
@@ -116,7 +117,7 @@ def pretrain(
         order = order.to(dev)
         total, started = torch.zeros((), dtype=torch.float64, device=dev), time.perf_counter()
         for start in range(0, len(images), settings.batch_size):
-            batch = to_input(on_device[order[start : start + settings.batch_size]], dev)
+            batch = to_input(on_device[order[start : start + settings.batch_size]], dev, settings.input_norm)
             visible, mask = random_masking(len(batch), mim.num_patches, ratio, generator)
             with autocast(dev) if settings.bf16 else nullcontext():
                 loss, _ = mim(batch, visible.to(dev), mask.to(dev))
@@ -141,7 +142,8 @@ def pretrain(
                    "epochs": str(settings.epochs), "mask-ratio": str(ratio)})
     write_json_atomic(out_dir / "log.json", {**key, "losses": losses, "images_per_second": speeds})
     spread = torch.linspace(0, len(images) - 1, 6).long()  # across the corpus, not one dataset
-    save_reconstruction_figure(mim, images[spread], ratio, settings.seed, out_dir / "reconstruction.png")
+    save_reconstruction_figure(mim, images[spread], ratio, settings.seed, out_dir / "reconstruction.png",
+                               settings.input_norm)
     return PretrainResult(encoder_path, losses, speeds)
 
 
@@ -156,7 +158,7 @@ def _lr_schedule(optimizer: torch.optim.Optimizer, settings: PretrainSettings, s
 
 @torch.no_grad()
 def save_reconstruction_figure(mim: MaskedImageModel, images: torch.Tensor, ratio: float, seed: int,
-                               path: Path) -> None:
+                               path: Path, norm: str = "symmetric") -> None:
     """Rows: original / masked / reconstruction (visible patches pasted back, as MAE shows it)."""
     import matplotlib
 
@@ -165,7 +167,8 @@ def save_reconstruction_figure(mim: MaskedImageModel, images: torch.Tensor, rati
 
     device = next(mim.parameters()).device
     mim.eval()
-    x = to_input(images, device)
+    x = to_input(images, device, norm)
+    mean, std = (torch.tensor(values, device=device)[:, None, None] for values in registry.INPUT_NORMS[norm])
     visible, mask = random_masking(len(x), mim.num_patches, ratio, torch.Generator().manual_seed(seed))
     _, pred = mim(x, visible.to(device), mask.to(device))
     target = patchify(x, mim.patch)
@@ -178,7 +181,7 @@ def save_reconstruction_figure(mim: MaskedImageModel, images: torch.Tensor, rati
     fig, axes = plt.subplots(3, len(x), figsize=(1.6 * len(x), 5), squeeze=False)
     for r, (name, row) in enumerate(zip(("original", "masked", "reconstruction"), rows)):
         for c in range(len(x)):
-            axes[r, c].imshow(((row[c].permute(1, 2, 0).float().cpu() + 1) / 2).clamp(0, 1).numpy())
+            axes[r, c].imshow((row[c] * std + mean).permute(1, 2, 0).float().cpu().clamp(0, 1).numpy())
             axes[r, c].axis("off")
         axes[r, 0].set_title(name, fontsize=8, loc="left")
     fig.tight_layout()
