@@ -16,7 +16,8 @@ import torch
 
 from meduniverse_flwr.data import to_image_tensor
 from meduniverse_flwr.model import create_model
-from meduniverse_flwr.task import random_flip, task_loss, to_input
+from meduniverse_flwr.augment import random_flip
+from meduniverse_flwr.task import task_loss, to_input
 
 BATCH = 64
 
