@@ -170,9 +170,13 @@ class LocalDeployment:
             self._track(f"node-{index}", start(command, self.log(f"node-{index}"), node_env, cwd=self.dir))
         self.wait_online(len(self.datasets))
 
+    def online(self) -> int:
+        """How many SuperNodes the SuperLink lists as online."""
+        return sum(node["status"] == "online" for node in supernodes(self.env, LOCAL_CONNECTION))
+
     def wait_online(self, n: int, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
-        while sum(node["status"] == "online" for node in supernodes(self.env, LOCAL_CONNECTION)) < n:
+        while self.online() < n:
             if time.monotonic() > deadline:
                 raise LaunchError(f"fewer than {n} SuperNodes came online in {timeout:.0f}s; see {self.dir / 'logs'}")
             time.sleep(0.5)

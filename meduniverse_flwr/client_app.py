@@ -79,8 +79,8 @@ def train(message: Message, context: Context) -> Message:
     sent = instructions(message, site)
     task = node_task(context, site, sent.image_size)
     if site.has_floor:  # refused (an error reply) before any training if the floor does not allow it
-        charge(site, site.write_dir(), task.card.name, len(task.train), sent.dp, sent.dp_noise_multiplier,
-               sent.dp_secure_noise, sent.batch_size, sent.epochs)
+        charge(site, task.card.name, len(task.train), sent.dp, sent.dp_noise_multiplier, sent.dp_secure_noise,
+               sent.batch_size, sent.epochs)
     keeps = sent.node_keeps
     state = kept_state(context, keeps, unpack_torch(_record(message, "arrays", ArrayRecord), sent.transport_dtype))
     backbone, head, metrics = train_on_task(sent.model, sent.image_size, task, state, sent.train_settings(),
@@ -101,5 +101,5 @@ def evaluate(message: Message, context: Context) -> Message:
         backbone = kept_state(context, "model", backbone)
     metrics = evaluate_base(sent.model, sent.image_size, task, backbone, sent.eval_mode, sent.train_settings())
     if site.has_floor:  # what the site's own ledger says it has spent, beside the server's account
-        metrics["site-epsilon"] = site_epsilon(site, site.write_dir(), task.card.name)
+        metrics["site-epsilon"] = site_epsilon(site, task.card.name)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)

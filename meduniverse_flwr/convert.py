@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import math
 import pickle
-import re
 import sys
 from pathlib import Path
 
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from .model import save_backbone
+from .model import backbone_depth, save_backbone
 
 ENTRIES = ("model", "state_dict", "model_ema")
 PREFIXES = ("module.", "encoder.", "backbone.", "model.")  # stripped (repeatedly) when every key has one
@@ -38,11 +37,6 @@ def required_keys(depth: int) -> list[str]:
     blocks = [f"blocks.{i}.{part}.{p}" for i in range(max(depth, 1)) for part in BLOCK_PARTS
               for p in ("weight", "bias")]
     return base + blocks + ["norm.weight", "norm.bias"]
-
-
-def depth_of(state: dict[str, torch.Tensor]) -> int:
-    indices = [int(m.group(1)) for key in state if (m := re.match(r"blocks\.(\d+)\.", key))]
-    return max(indices) + 1 if indices else 0
 
 
 def convert_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -71,7 +65,7 @@ def convert_state(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tenso
     pos = kept.get("pos_embed")
     if "dist_token" in state and pos is not None and pos.dim() == 3 and pos.shape[1] > 2:
         kept["pos_embed"] = torch.cat([pos[:, :1], pos[:, 2:]], dim=1)  # drop the distillation token's position
-    missing = [k for k in required_keys(depth_of(kept)) if k not in kept]
+    missing = [k for k in required_keys(backbone_depth(kept)) if k not in kept]
     if missing:
         raise ValueError(f"missing required keys {missing[:4]}{' ...' if len(missing) > 4 else ''}")
     return kept, dropped
@@ -113,7 +107,7 @@ def check_strict(backbone: dict[str, torch.Tensor]) -> tuple[VisionTransformer, 
     heads = heads if width % heads == 0 else 1  # heads only split qkv: no parameter depends on them
     fc1 = backbone["blocks.0.mlp.fc1.weight"]
     model = VisionTransformer(img_size=grid * proj.shape[-1], patch_size=proj.shape[-1], in_chans=proj.shape[1],
-                              embed_dim=width, depth=depth_of(backbone), num_heads=heads,
+                              embed_dim=width, depth=backbone_depth(backbone), num_heads=heads,
                               mlp_ratio=fc1.shape[0] / width, num_classes=0, global_pool="avg", fc_norm=False)
     try:
         result = model.load_state_dict(backbone, strict=False)

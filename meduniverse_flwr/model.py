@@ -127,14 +127,31 @@ def read_tensors(path: Path, expected: dict[str, tuple[torch.Size, torch.dtype |
                  floats_only: bool = False) -> dict[str, torch.Tensor]:
     """An untrusted safetensors file that passes ``tensors_problem``; else a one-line ``ValueError``
     starting ``<what> <path>:``."""
-    try:
-        tensors = load_file(str(path))
-    except (OSError, SafetensorError) as err:
-        raise ValueError(f"{what} {path}: cannot read ({err})") from None
+    tensors = load_tensors(path, what)
     problem = tensors_problem(tensors, expected, floats_only)
     if problem:
         raise ValueError(f"{what} {path}: {problem}")
     return tensors
+
+
+def load_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, unchecked; a one-line ``ValueError`` if it cannot be read."""
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise ValueError(f"{what} {path}: cannot read ({err})") from None
+
+
+def not_float_problem(tensors: dict[str, torch.Tensor]) -> str:
+    """The first few tensors that are not FLOAT_DTYPES ("" if none)."""
+    not_float = [f"{k} {t.dtype}" for k, t in tensors.items() if t.dtype not in FLOAT_DTYPES]
+    return f"not float16/bfloat16/float32/float64: {not_float[:3]}" if not_float else ""
+
+
+def backbone_depth(state: dict[str, torch.Tensor]) -> int:
+    """The number of transformer blocks a ViT state dict holds (``blocks.<i>.*``)."""
+    return 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.") and k.split(".")[1].isdigit()),
+                   default=-1)
 
 
 def tensors_problem(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[torch.Size, torch.dtype | None]],
@@ -150,9 +167,8 @@ def tensors_problem(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[
         parts = [f"missing {missing[:3]}" * bool(missing), f"unexpected {unexpected[:3]}" * bool(unexpected),
                  f"shape/dtype {wrong[:3]}" * bool(wrong)]
         return f"does not fit the model: {'; '.join(p for p in parts if p)}"
-    not_float = [f"{k} {t.dtype}" for k, t in tensors.items() if floats_only and t.dtype not in FLOAT_DTYPES]
-    if not_float:
-        return f"not float16/bfloat16/float32/float64: {not_float[:3]}"
+    if floats_only and (problem := not_float_problem(tensors)):
+        return problem
     not_finite = [k for k, t in tensors.items() if not torch.isfinite(t).all()]
     if not_finite:
         return f"non-finite values in {not_finite[:3]}"
@@ -168,13 +184,9 @@ def load_pretrained(path: Path, model: VisionTransformer) -> list[str]:
     """Load a timm-layout ViT checkpoint of ``model``'s width and depth into ``model``, whatever
     its patch and image size (``fit_checkpoint``); what was adapted, one line each. The file is
     untrusted: floats only, finite, and what is left after fitting must fit exactly."""
-    try:
-        state = load_file(str(path))
-    except (OSError, SafetensorError) as err:
-        raise ValueError(f"checkpoint {path}: cannot read ({err})") from None
-    not_float = [k for k, t in state.items() if t.dtype not in FLOAT_DTYPES]
-    if not_float:
-        raise ValueError(f"checkpoint {path}: not float16/bfloat16/float32/float64: {not_float[:3]}")
+    state = load_tensors(path, "checkpoint")
+    if problem := not_float_problem(state):  # before fitting, which casts to float32
+        raise ValueError(f"checkpoint {path}: {problem}")
     try:
         fitted, adapted = fit_checkpoint(state, model)
     except ValueError as err:
@@ -192,14 +204,14 @@ def fit_checkpoint(state: dict[str, torch.Tensor], model: VisionTransformer) -> 
     dropped, one input channel repeated to three, patch and position embeddings resampled with
     timm's own functions (bicubic, antialiased). The width and depth must be the model's; a
     one-line ValueError names the first mismatch."""
-    adapted = [f"dropped {len(dropped)} head / decoder keys"] if (dropped := [k for k in state
-                                                                            if k.startswith(NOT_BACKBONE)]) else []
-    state = {k: v.float() for k, v in state.items() if not k.startswith(NOT_BACKBONE)}
+    dropped = {k for k in state if k.startswith(NOT_BACKBONE)}
+    adapted = [f"dropped {len(dropped)} head / decoder keys"] if dropped else []
+    state = {k: v.float() for k, v in state.items() if k not in dropped}
     for key in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
         if key not in state:
             raise ValueError(f"has no '{key}': not a timm-layout ViT with a class token")
     width = state["cls_token"].shape[-1]
-    depth = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.")), default=-1)
+    depth = backbone_depth(state)
     if (width, depth) != (model.embed_dim, len(model.blocks)):
         raise ValueError(f"width {width}, depth {depth}: the model '{model.embed_dim} wide, {len(model.blocks)} deep' "
                          "needs the same (patch and image size may differ)")

@@ -13,14 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 from .config import NODE_DATA_KEYS, ConfigError, read_keys
 from .data import DataOptions, write_dir
-from .registry import DEVICES
 from .data.partition import node_dataset
+from .registry import DEVICES
 
 # node-config key -> (type, default); "dataset" has no default: a deployed node must name its data
 SITE_KEYS: dict[str, tuple[type, Any]] = {

@@ -86,8 +86,8 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def charge(site: Site, cache_dir: Path, dataset: str, n_train: int, dp: str, noise_multiplier: float,
-           secure_noise: bool, batch_size: int, epochs: int) -> float:
+def charge(site: Site, dataset: str, n_train: int, dp: str, noise_multiplier: float, secure_noise: bool,
+           batch_size: int, epochs: int) -> float:
     """Check one train message against the site's floor and charge it to the ledger; the epsilon
     spent on ``dataset`` after it. Refused (nothing charged) if the floor does not allow it."""
     if dp != "example":
@@ -97,7 +97,7 @@ def charge(site: Site, cache_dir: Path, dataset: str, n_train: int, dp: str, noi
         raise Refused("site privacy floor: the run's DP-SGD noise is seeded from the run seed "
                       "(dp-secure-noise = false), so whoever knows the seed could remove it")
     sample_rate, steps = example_steps(n_train, batch_size, epochs)
-    path = ledger_path(cache_dir)
+    path = ledger_path(site.write_dir())
     with _locked(path):
         ledger = read_ledger(path)
         events = [*ledger.get(dataset, []), (float(noise_multiplier), float(sample_rate), int(steps))]
@@ -110,6 +110,6 @@ def charge(site: Site, cache_dir: Path, dataset: str, n_train: int, dp: str, noi
     return after
 
 
-def site_epsilon(site: Site, cache_dir: Path, dataset: str) -> float:
+def site_epsilon(site: Site, dataset: str) -> float:
     """What the site's ledger says it has spent on ``dataset`` (at ``max-epsilon-delta``)."""
-    return spent(read_ledger(ledger_path(cache_dir)).get(dataset, []), site.max_epsilon_delta)
+    return spent(read_ledger(ledger_path(site.write_dir())).get(dataset, []), site.max_epsilon_delta)

@@ -53,7 +53,7 @@ def register() -> None:
 
 def to_run_config(cfg, output_dir: str) -> dict:
     """Flower's flat kebab-case run config for ``cfg``: every key but ``federation``, lists joined."""
-    values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)  # a preset's ??? names itself
+    values = OmegaConf.to_container(cfg, resolve=True)
     values.pop("federation")
     run_config = {key.replace("_", "-"): ",".join(value) if isinstance(value, list) else value
                   for key, value in values.items()}

@@ -168,7 +168,7 @@ def test_a_node_without_the_ca_certificate_cannot_connect(deployment, tmp_path):
     without_ca = command[:command.index("--root-certificates")] + command[command.index("--root-certificates") + 2:]
     code, output = try_node(without_ca, deployment.env, tmp_path / "node.log")
     assert code != 0 and "CERTIFICATE_VERIFY_FAILED" in output
-    assert sum(n["status"] == "online" for n in supernodes(deployment.env, LOCAL_CONNECTION)) == 3
+    assert deployment.online() == 3
 
 
 def test_an_unregistered_node_key_is_refused(deployment, tmp_path):
@@ -177,7 +177,7 @@ def test_an_unregistered_node_key_is_refused(deployment, tmp_path):
                                 deployment.certs / "ca.crt", tmp_path / "node-0", insecure=False)
     code, output = try_node(command, deployment.env, tmp_path / "node.log")
     assert code != 0 and "Failed to activate SuperNode" in output
-    assert sum(n["status"] == "online" for n in supernodes(deployment.env, LOCAL_CONNECTION)) == 3
+    assert deployment.online() == 3
 
 
 @pytest.mark.parametrize("role", ["superlink", "supernode"])
@@ -259,18 +259,14 @@ def test_a_killed_server_app_resumes_to_the_same_results(deployment, straight):
     assert resumed["summary"] == straight["summary"]
 
 
-def online(link: LocalDeployment) -> int:
-    return sum(node["status"] == "online" for node in supernodes(link.env, LOCAL_CONNECTION))
-
-
 def restart(link: LocalDeployment, name: str) -> None:
     """Stop a SuperNode (it signs off: offline at once) and start it again with the same command."""
     proc = link.processes[name]
     stop(proc.pid)
     proc.wait()
-    wait_until(lambda: online(link) == len(link.datasets) - 1, f"{name} offline", timeout=120)
+    wait_until(lambda: link.online() == len(link.datasets) - 1, f"{name} offline", timeout=120)
     link.processes[name] = start(proc.args, link.log(name), supernode_env(link.env), cwd=link.dir)
-    wait_until(lambda: online(link) == len(link.datasets), f"{name} back online", timeout=120)
+    wait_until(lambda: link.online() == len(link.datasets), f"{name} back online", timeout=120)
 
 
 def test_a_site_enforces_its_privacy_floor_over_runs_and_restarts(tmp_path):
@@ -297,7 +293,7 @@ def test_a_site_enforces_its_privacy_floor_over_runs_and_restarts(tmp_path):
                                        tmp_path / "keys" / "node-0", False)
         no_dataset[no_dataset.index("--node-config") + 1] = f"data-root={json.dumps(str(site_root))}"
         link.processes["no-dataset"] = start(no_dataset, link.log("no-dataset"), supernode_env(link.env), link.dir)
-        wait_until(lambda: online(link) == 3, "the site without a dataset online", timeout=120)
+        wait_until(lambda: link.online() == 3, "the site without a dataset online", timeout=120)
         status, results, output = run(link, "floor-off", f"{RUN} clients-per-stage=2 num-stages=1 "
                                                          "output-dir='runs/floor-off'")
         assert status == "finished:completed", output[-3000:]
@@ -311,7 +307,7 @@ def test_a_site_enforces_its_privacy_floor_over_runs_and_restarts(tmp_path):
         assert stage["per_task"]["breastmnist"]["site_epsilon"] == 0.0  # it still scores, and says it spent nothing
         stop(link.processes["no-dataset"].pid)
         link.processes.pop("no-dataset").wait()
-        wait_until(lambda: online(link) == 2, "the site without a dataset offline", timeout=120)
+        wait_until(lambda: link.online() == 2, "the site without a dataset offline", timeout=120)
 
         private = f"{RUN} dp='example' dp-secure-noise=true clients-per-stage=2 num-stages=1"
         submitter = tmp_path / "submitter-data"  # what a run cannot make a site read or fetch into

@@ -1,6 +1,7 @@
 """The site decides (site.py, site_ledger.py): what its node reads, writes, fetches and runs on comes from
 its node config alone, and its privacy floor is enforced by the node, with a ledger that spans runs."""
 
+import dataclasses
 import json
 import math
 import threading
@@ -87,7 +88,7 @@ RELEASE = dict(dp="example", noise_multiplier=3.0, secure_noise=True, batch_size
 
 
 def release(site, tmp_path, dataset="pneumoniamnist", n_train=48, **changes):
-    return charge(site, tmp_path, dataset, n_train, **{**RELEASE, **changes})
+    return charge(dataclasses.replace(site, cache_dir=str(tmp_path)), dataset, n_train, **{**RELEASE, **changes})
 
 
 def test_the_floor_refuses_a_release_without_dp_sgd_or_with_noise_the_server_could_remove(tmp_path):
@@ -116,9 +117,9 @@ def test_the_ledger_charges_each_release_and_refuses_the_one_past_max_epsilon(tm
     assert f"from {spent[-1]:.4g} to " in refusal and "past max-epsilon=2.0" in refusal and "\n" not in refusal
     # the refused release was not charged; the ledger is the file, so a restarted node reads the same
     assert read_ledger(ledger_path(tmp_path)) == {"pneumoniamnist": [(3.0, rate, steps)] * len(spent)}
-    assert site_epsilon(FLOOR, tmp_path, "pneumoniamnist") == pytest.approx(spent[-1])
+    assert site_epsilon(dataclasses.replace(FLOOR, cache_dir=str(tmp_path)), "pneumoniamnist") == pytest.approx(spent[-1])
     # the budget is per dataset: another dataset of the site starts at zero
-    assert site_epsilon(FLOOR, tmp_path, "bloodmnist") == 0.0
+    assert site_epsilon(dataclasses.replace(FLOOR, cache_dir=str(tmp_path)), "bloodmnist") == 0.0
     assert release(FLOOR, tmp_path, dataset="bloodmnist") == pytest.approx(spent[0])
 
 
@@ -176,7 +177,7 @@ def test_a_site_with_a_floor_is_left_out_of_a_run_without_dp_and_spends_only_wha
     first = federation(tiny_sites, tmp_path, "private", floor, **private)[1]
     assert sorted(first["participants"]) == ["bloodmnist", "organamnist", "pneumoniamnist"]
     spent = first["per_task"]["pneumoniamnist"]["site_epsilon"]
-    assert spent == pytest.approx(site_epsilon(Site("x", max_epsilon=40.0), ledger_dir, "pneumoniamnist")) and spent > 0
+    assert spent == pytest.approx(site_epsilon(Site("x", cache_dir=str(ledger_dir), max_epsilon=40.0), "pneumoniamnist")) and spent > 0
     assert "site_epsilon" not in first["per_task"]["bloodmnist"]  # sites without a floor keep no ledger
     # a second run spends from the same ledger; one whose release would pass the budget is refused
     tight = {0: {**floor[0], "max-epsilon": spent * 1.01}}  # any further release passes it
