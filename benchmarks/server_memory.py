@@ -8,7 +8,8 @@ backbones of the real shapes; the peak RSS of the process and the stage's
 seconds are reported, for each rule. The streaming rules stay flat in K; the
 robust rules (median, trimmed mean) hold every reply. Then the cost of folding
 one reply into the running aggregate is timed against a plain NumPy add over
-the same float32 bytes.
+the same float32 bytes (one thread each), in wall and in CPU time, and checked
+against ``FOLD_TARGET``.
 """
 
 import argparse
@@ -19,6 +20,10 @@ import time
 from uuid import uuid4
 
 import numpy as np
+
+# The fold of one reply within this many times a NumPy float32 add over its bytes: the target set in
+# benchmarks/README.md ("Server memory flat in the number of replies K"), unchanged since it was set.
+FOLD_TARGET = 2.0
 
 
 def peak_rss_mb() -> float:
@@ -96,7 +101,10 @@ def one_stage(k: int, model: str, image_size: int, rule: str) -> None:
     print(f"{before:.1f} {peak_rss_mb():.1f} {time.perf_counter() - started:.2f}")
 
 
-def fold_cost(model: str, image_size: int, repeats: int = 5) -> tuple[float, float, int]:
+def fold_cost(model: str, image_size: int, repeats: int = 5, clock=time.perf_counter) -> tuple[float, float, int]:
+    """Seconds to fold one reply into a ``RunningAggregate`` and to add its float32 arrays with NumPy,
+    both on one thread (NumPy's element-wise ufuncs do not spawn threads); ``clock=time.process_time``
+    counts only this process's CPU time, for a machine that other jobs share."""
     from meduniverse_flwr.aggregation import RunningAggregate
     from meduniverse_flwr.model import create_backbone
 
@@ -106,15 +114,15 @@ def fold_cost(model: str, image_size: int, repeats: int = 5) -> tuple[float, flo
     total = {n: np.zeros(s, np.float32) for n, s in shapes.items()}
     running = RunningAggregate("weighted")
     running.add(update, 7)  # allocate the sums before timing
-    started = time.perf_counter()
+    started = clock()
     for _ in range(repeats):
         running.add(update, 7)
-    ours = (time.perf_counter() - started) / repeats
-    started = time.perf_counter()
+    ours = (clock() - started) / repeats
+    started = clock()
     for _ in range(repeats):
         for name in total:
             np.add(total[name], update[name], out=total[name])
-    plain = (time.perf_counter() - started) / repeats
+    plain = (clock() - started) / repeats
     return ours, plain, sum(a.nbytes for a in update.values())
 
 
@@ -144,9 +152,12 @@ def main() -> None:
         growth = peaks[32] - peaks[2]
         print(f"{rule:>12}: {args.model} backbone = {backbone_mb:.1f} MiB; growth K=2 -> K=32: {growth:.1f} MiB = "
               f"{growth / backbone_mb:.2f} backbones")
-    ours, plain, nbytes = fold_cost(args.model, args.image_size)
-    print(f"fold one reply ({nbytes / 2**20:.1f} MiB): {1e3 * ours:.1f} ms; NumPy float32 add over the same "
-          f"bytes: {1e3 * plain:.1f} ms; ratio {ours / plain:.2f} (target <= 2)")
+    for clock, kind in ((time.perf_counter, "wall"), (time.process_time, "CPU")):
+        ours, plain, nbytes = fold_cost(args.model, args.image_size, clock=clock)
+        ratio = ours / plain
+        print(f"fold one reply ({nbytes / 2**20:.1f} MiB, {kind} time, one thread each): {1e3 * ours:.1f} ms; "
+              f"NumPy float32 add over the same bytes: {1e3 * plain:.1f} ms; ratio {ratio:.2f} "
+              f"(target <= {FOLD_TARGET:g}: {'met' if ratio <= FOLD_TARGET else 'MISSED'})")
 
 
 if __name__ == "__main__":

@@ -111,7 +111,8 @@ class LocalDeployment:
 
     ``start()`` brings it up and writes ``dir/pids.json``; ``stop()`` ends every process it
     started, by PID. ``env`` runs ``flwr`` against it (connection ``LOCAL_CONNECTION``).
-    ``sites[i]``, where given, holds node i's other node-config keys (``supernode_command``)."""
+    ``sites[i]``, where given, holds node i's other node-config keys (``supernode_command``);
+    ``node_env[i]``, where given, adds to node i's environment (the tests put a gate on its PATH)."""
 
     dir: Path
     datasets: list[str]
@@ -121,6 +122,7 @@ class LocalDeployment:
     port: int = 9092
     node_ports: list[int] = field(default_factory=list)
     sites: list[dict] = field(default_factory=list)
+    node_env: list[dict] = field(default_factory=list)
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
 
     @property
@@ -167,7 +169,8 @@ class LocalDeployment:
                 register(self.env, LOCAL_CONNECTION, key.with_name(f"node-{index}.pub"))
             site = self.sites[index] if index < len(self.sites) else None
             command = supernode_command(self.address, dataset, self.data_root, port, ca, key, self.insecure, site)
-            self._track(f"node-{index}", start(command, self.log(f"node-{index}"), node_env, cwd=self.dir))
+            extra = self.node_env[index] if index < len(self.node_env) else {}
+            self._track(f"node-{index}", start(command, self.log(f"node-{index}"), {**node_env, **extra}, cwd=self.dir))
         self.wait_online(len(self.datasets))
 
     def online(self) -> int:

@@ -161,14 +161,18 @@ def noise_multiplier_for(epsilon: float, delta: float, sample_rate: float, steps
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Calibrate ``dp-noise-multiplier`` for a target epsilon.
+    """Calibrate ``dp-noise-multiplier`` for a target epsilon, or give the epsilon after each stage of a
+    noise multiplier.
 
         python -m meduniverse_flwr.privacy --epsilon 4 --level site --num-stages 3
         python -m meduniverse_flwr.privacy --epsilon 4 --level example --num-stages 3 \\
             --local-epochs 2 --batch-size 64 --n-train 1000 3882
+        python -m meduniverse_flwr.privacy --noise-multiplier 1.1214 --level example --num-stages 3 --n-train 1000
     """
     parser = argparse.ArgumentParser(prog="python -m meduniverse_flwr.privacy", description=main.__doc__.split("\n")[0])
-    parser.add_argument("--epsilon", type=float, required=True)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--epsilon", type=float, help="the epsilon after --num-stages: print the noise multiplier")
+    target.add_argument("--noise-multiplier", type=float, help="print the epsilon after each stage")
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--level", choices=DP_LEVELS[1:], required=True)
     parser.add_argument("--num-stages", type=int, required=True)
@@ -176,17 +180,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--n-train", type=int, nargs="+", default=[], help="each site's training examples")
     args = parser.parse_args(argv)
-    if args.level == "site":
-        print(f"{noise_multiplier_for(args.epsilon, args.delta, 1.0, args.num_stages):.4f}")
-        return
-    if not args.n_train:
+    if args.level == "example" and not args.n_train:
         parser.error("--level example needs --n-train")
-    needed = {}
-    for n in args.n_train:  # the site with the highest epsilon at a given noise sets the noise
-        rate, steps = example_steps(n, args.batch_size, args.local_epochs)
-        needed[n] = noise_multiplier_for(args.epsilon, args.delta, rate, steps * args.num_stages)
-    for n, sigma in needed.items():
-        print(f"n-train {n}: {sigma:.4f}")
+    # the party's (sample rate, steps) per stage: the federation at the site level, each site at the example level
+    parties = ({"federation": (1.0, 1)} if args.level == "site" else
+               {f"n-train {n}": example_steps(n, args.batch_size, args.local_epochs) for n in args.n_train})
+    if args.noise_multiplier is not None:
+        for party, (rate, steps) in parties.items():
+            epsilons = [epsilon_of([(args.noise_multiplier, rate, steps)] * stage, args.delta)
+                        for stage in range(1, args.num_stages + 1)]
+            print(f"{party}: epsilon after stages 1..{args.num_stages}: " + " / ".join(f"{e:.2f}" for e in epsilons))
+        return
+    needed = {party: noise_multiplier_for(args.epsilon, args.delta, rate, steps * args.num_stages)
+              for party, (rate, steps) in parties.items()}
+    if args.level == "example":  # the site with the highest epsilon at a given noise sets the noise
+        for party, sigma in needed.items():
+            print(f"{party}: {sigma:.4f}")
     print(f"{max(needed.values()):.4f}")
 
 

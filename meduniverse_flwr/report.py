@@ -77,7 +77,8 @@ def write_report(runs: list[Run], out: Path, notes: list[str]) -> list[Path]:
         notes = [*notes, (f"runs have {min(lengths)} to {max(lengths)} stages: "
                           f"the report uses stages 0..{num_stages - 1}, common to all")]
     groups = build_groups(runs, num_stages)
-    comparisons = stats.comparisons({k: g.trained for k, g in groups.items()}, num_stages - 1)
+    comparisons = stats.comparisons({k: g.trained for k, g in groups.items()}, num_stages - 1,
+                                    held_out={k: g.held_out for k, g in groups.items()})
     paths = [out / "report.md", out / "fig3_gain.png", out / "gain_heatmap.png"]
     markdown = report_markdown(runs, groups, num_stages, comparisons, notes + config_notes(groups))
     write_text_atomic(paths[0], markdown)

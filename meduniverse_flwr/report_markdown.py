@@ -58,6 +58,9 @@ def stages_table(group: Group, num_stages: int) -> str:
 def comparisons_table(comparisons: list[stats.Comparison]) -> str:
     def name(c: stats.Comparison) -> str:
         (a, a_stage), (b, _) = c.after, c.before
+        if c.held_out:
+            scope = group_label(a) if a[1] else f"{strategy_label(a[0])} [every held-out set pooled]"
+            return f"{scope}, held-out tasks: stage {a_stage} vs 0"
         if a == b:
             return f"{group_label(a)}: stage {a_stage} vs 0"
         return f"{group_label(a)} vs {group_label(b)} (stage {a_stage})"
@@ -97,7 +100,8 @@ LEGEND = ("Cells: accuracy, mean ± std over seeds (sample std; none with one se
           "than the group's have a score. `mean` is each run's mean accuracy over its trained tasks."
           + "".join(f" `{strategy_label(name)}`: one site pools every site's data, so it is a reference, not a "
                     "federated method." for name, entry in STRATEGIES.items() if entry.breaks_privacy))
-TESTS_NOTE = ("Pairs: (task, seed), trained tasks scored in both. Wilcoxon signed-rank (two-sided) is the primary "
+TESTS_NOTE = ("Pairs: (task, seed), trained tasks scored in both; in the `held-out tasks` rows, the held-out "
+              "tasks (never trained on), pooled over a strategy's held-out sets where it says so. Wilcoxon signed-rank (two-sided) is the primary "
               "test, Holm-adjusted across the comparisons of this table; the paired t-test is shown beside it. "
               "p = 1 when every difference is zero; - when fewer than 2 pairs (or, for t, no variance).")
 FIGURES_NOTE = ("Figures: `fig3_gain.png` (mean accuracy gain over stage 0 per stage, ± std over seeds), "

@@ -89,23 +89,48 @@ def paired(after: Scores, before: Scores) -> tuple[list[float], list[float]]:
 
 @dataclass(frozen=True)
 class Comparison:
-    """``after`` (group, stage) against ``before`` (group, stage), with its Holm-adjusted Wilcoxon p."""
+    """``after`` (group, stage) against ``before`` (group, stage), with its Holm-adjusted Wilcoxon p.
+
+    ``held_out``: scored on the held-out tasks instead of the trained ones (domain generalisation);
+    a group key with no held-out tasks then stands for every held-out set of its strategy, pooled.
+    """
     after: tuple[GroupKey, int]
     before: tuple[GroupKey, int]
     test: PairedTest
     holm_p: float | None
+    held_out: bool = False
 
 
-def comparisons(groups: Mapping[GroupKey, Sequence[Scores]], final_stage: int,
-                reference: str = "stagewise") -> list[Comparison]:
+def _pooled(groups: Mapping[GroupKey, Sequence[Scores]], strategy: str, stage: int) -> dict:
+    """The held-out scores of every held-out set of ``strategy`` at ``stage``, keyed (held-out set, task, seed)."""
+    return {(held, *key): v for (s, held), stages in groups.items() if s == strategy
+            for key, v in stages[stage].items()}
+
+
+def comparisons(groups: Mapping[GroupKey, Sequence[Scores]], final_stage: int, reference: str = "stagewise",
+                held_out: Mapping[GroupKey, Sequence[Scores]] | None = None) -> list[Comparison]:
     """Each group's ``final_stage`` against its stage 0, then the ``reference`` strategy against each
-    other strategy with the same held-out tasks at ``final_stage``; Holm across all of them."""
+    other strategy with the same held-out tasks at ``final_stage``; with ``held_out`` (the held-out
+    scores of the groups that hold tasks out) also each such group's held-out tasks at ``final_stage``
+    against stage 0, and, for a strategy with several held-out sets, all its held-out pairs pooled.
+    Holm across all of them."""
     wanted = [((key, final_stage), (key, 0)) for key in groups]
-    wanted += [(((reference, held_out), final_stage), ((strategy, held_out), final_stage))
-               for strategy, held_out in groups if strategy != reference and (reference, held_out) in groups]
-    tests = [paired_test(*paired(groups[a][a_stage], groups[b][b_stage])) for (a, a_stage), (b, b_stage) in wanted]
+    wanted += [(((reference, held), final_stage), ((strategy, held), final_stage))
+               for strategy, held in groups if strategy != reference and (reference, held) in groups]
+    pairs = [paired(groups[a][a_stage], groups[b][b_stage]) for (a, a_stage), (b, b_stage) in wanted]
+    flags = [False] * len(wanted)
+    held_out = {key: stages for key, stages in (held_out or {}).items() if key[1]}
+    for key, stages in held_out.items():
+        wanted.append(((key, final_stage), (key, 0)))
+        pairs.append(paired(stages[final_stage], stages[0]))
+    strategies = [s for s in dict.fromkeys(s for s, _ in held_out) if sum(k[0] == s for k in held_out) > 1]
+    for strategy in strategies:
+        wanted.append((((strategy, ()), final_stage), ((strategy, ()), 0)))
+        pairs.append(paired(_pooled(held_out, strategy, final_stage), _pooled(held_out, strategy, 0)))
+    flags += [True] * (len(wanted) - len(flags))
+    tests = [paired_test(*pair) for pair in pairs]
     adjusted = holm([t.wilcoxon_p for t in tests])
-    return [Comparison(a, b, t, p) for (a, b), t, p in zip(wanted, tests, adjusted)]
+    return [Comparison(a, b, t, p, flag) for (a, b), t, p, flag in zip(wanted, tests, adjusted, flags)]
 
 
 def gain_spreads(curves: Sequence[Sequence[float | None]]) -> list[Spread]:

@@ -12,12 +12,15 @@ The libraries are imported inside the factories: ``none`` needs neither.
   ``sqlite:///<output-dir>/mlflow.db``: MLflow 3 refuses plain ``mlruns/`` file stores). A caller
   that wants several output dirs in one experiment (a Hydra sweep) sets both variables for the
   ServerApp's process. ``<run_dir>/mlflow-run.json`` names the store and the run, so that a
-  resumed run continues the same MLflow run.
+  resumed run continues the same MLflow run. When it cannot (the file is corrupt, names another
+  store, or MLflow refuses to reopen the run) a new run starts and one warning line says so,
+  naming the file, the reason and the new run: the run's metrics are then split across two runs.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -31,6 +34,8 @@ INSTALL_HINT = "pip install 'meduniverse-flwr[tracking]'"
 DEFAULT_EXPERIMENT = "meduniverse"
 MLFLOW_POINTER = "mlflow-run.json"
 TENSORBOARD_DIR = "tensorboard"
+
+logger = logging.getLogger("flwr")  # Flower's log, as the ServerApp's other lines
 
 STAGE_KEYS = ("mean_accuracy", "mean_accuracy_held_out", "train_loss", "bytes_up", "bytes_down", "seconds",
               "epsilon")
@@ -127,16 +132,26 @@ def artifact_root(uri: str) -> str | None:
     return (Path(uri[len(prefix):]).resolve().parent / "mlartifacts").as_uri() if uri.startswith(prefix) else None
 
 
+POINTER_KEYS = ("tracking_uri", "experiment_id", "run_id")
+
+
+def load_pointer(path: Path) -> tuple[dict[str, str] | None, str]:
+    """``mlflow-run.json`` read back: (pointer, "") or (None, why not); the reason is "" when the
+    file is absent (a run's first start), else one line on what is wrong with it."""
+    try:
+        pointer = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None, ""
+    except (OSError, ValueError) as err:
+        return None, f"unreadable: {err}"
+    if not isinstance(pointer, dict) or not all(isinstance(pointer.get(k), str) for k in POINTER_KEYS):
+        return None, f"not an object of the strings {', '.join(POINTER_KEYS)}"
+    return {k: pointer[k] for k in POINTER_KEYS}, ""
+
+
 def read_pointer(path: Path) -> dict[str, str] | None:
     """``mlflow-run.json`` read back, or None when absent or not three strings (then a new run starts)."""
-    try:
-        pointer = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    keys = ("tracking_uri", "experiment_id", "run_id")
-    if not isinstance(pointer, dict) or not all(isinstance(pointer.get(k), str) for k in keys):
-        return None
-    return {k: pointer[k] for k in keys}
+    return load_pointer(path)[0]
 
 
 class MlflowTracker:
@@ -163,14 +178,19 @@ def mlflow_tracker(run_dir: Path, run_config: dict[str, Any], run_name: str) -> 
     run_dir = Path(run_dir)
     uri, experiment = mlflow_target(run_dir, dict(os.environ))
     client = mlflow.MlflowClient(tracking_uri=uri)
-    run_id = _resumed_run(client, read_pointer(run_dir / MLFLOW_POINTER), uri)
+    pointer_path = run_dir / MLFLOW_POINTER
+    run_id, problem = _resumed_run(client, pointer_path, uri)
     if run_id is None:
         found = client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else client.create_experiment(experiment, artifact_root(uri))
         run_id = client.create_run(experiment_id, run_name=run_name,
                                    tags={"run_dir": str(run_dir.resolve())}).info.run_id
-        write_json_atomic(run_dir / MLFLOW_POINTER,
-                          {"tracking_uri": uri, "experiment_id": experiment_id, "run_id": run_id})
+        write_json_atomic(pointer_path, {"tracking_uri": uri, "experiment_id": experiment_id, "run_id": run_id})
+        if problem:  # a resumed run's metrics now go to two MLflow runs: say so, once
+            from .validation import safe_label  # here: validation imports torch, which tracking otherwise never needs
+
+            logger.warning("tracking: cannot resume the MLflow run of %s (%s): started a new run %s",
+                           safe_label(str(pointer_path)), safe_label(problem), run_id)
     # MLflow refuses to change a logged param: a resumed run (resume-from, num-stages, ...) keeps the first values
     logged = client.get_run(run_id).data.params
     params = [Param(key, str(value)[:MAX_PARAM_VAL_LENGTH]) for key, value in run_config.items() if key not in logged]
@@ -178,17 +198,21 @@ def mlflow_tracker(run_dir: Path, run_config: dict[str, Any], run_name: str) -> 
     return MlflowTracker(client, run_id)
 
 
-def _resumed_run(client: Any, pointer: dict[str, str] | None, uri: str) -> str | None:
-    """The run id named by the run directory's pointer, reopened, when it is in this store."""
-    if pointer is None or pointer["tracking_uri"] != uri:
-        return None
+def _resumed_run(client: Any, path: Path, uri: str) -> tuple[str | None, str]:
+    """(the run id named by the pointer file at ``path``, reopened, ""), when it is in this store; else
+    (None, why not): "" when there is no pointer, one line when there is one that cannot be resumed."""
+    pointer, problem = load_pointer(path)
+    if pointer is None:
+        return None, problem
+    if pointer["tracking_uri"] != uri:  # the URIs themselves may hold credentials: not logged
+        return None, "it names another tracking store than this run's"
     from mlflow.exceptions import MlflowException
 
     try:
         client.update_run(pointer["run_id"], status="RUNNING")
-    except MlflowException:
-        return None
-    return pointer["run_id"]
+    except MlflowException as err:
+        return None, f"MLflow refused to reopen run {pointer['run_id']}: {' '.join(str(err).split())}"
+    return pointer["run_id"], ""
 
 
 def open_tracker(name: str, run_dir: Path, run_config: dict[str, Any], run_name: str) -> Tracker:

@@ -141,6 +141,20 @@ def test_median_and_trimmed_mean_against_hand_computed_values():
     assert aggregate(five, "median")["w"].dtype == np.float32
 
 
+def test_trimmed_mean_on_skewed_values_is_neither_the_median_nor_the_mean():
+    # skewed columns arriving unsorted (the cases above are symmetric, where all three rules agree):
+    # the median, the plain mean, cutting one end only, or not sorting each give another value
+    rows = np.array([[6.0, -1.0], [0.0, -20.0], [20.0, -2.0], [1.0, 0.0], [2.0, -6.0]], np.float32)
+    five = [({"w": row}, n) for row, n in zip(rows, (1, 50, 1, 7, 1))]
+    # K=5, 0.2 -> one cut per end: (1, 2, 6) and (-6, -2, -1); median (2, -2), mean (5.8, -5.8)
+    np.testing.assert_array_equal(aggregate(five, "trimmed-mean", 0.2)["w"], [3.0, -3.0])
+    four = five[:4]  # sorted (0, 1, 6, 20) and (-20, -2, -1, 0)
+    # K=4, 0.25 -> one cut per end: (1, 6) and (-2, -1), which at K=4 is the median; mean (6.75, -5.75)
+    np.testing.assert_array_equal(aggregate(four, "trimmed-mean", 0.25)["w"], [3.5, -1.5])
+    # K=4, 0.2 -> floor(0.8) = 0 cut: the plain mean, not the median
+    np.testing.assert_array_equal(aggregate(four, "trimmed-mean", 0.2)["w"], [6.75, -5.75])
+
+
 @pytest.mark.parametrize("rule", ["median", "trimmed-mean"])
 def test_robust_rules_reject_one_outlier_where_the_mean_follows_it(rule):
     rng = np.random.default_rng(0)
@@ -218,3 +232,37 @@ def test_clip_update_scales_the_delta_down_to_the_bound():
     assert all(clipped[k].dtype == np.float32 for k in clipped)
     assert clip_update(A, B, 100.0)["w"] is B["w"]  # within the bound: as sent
     np.testing.assert_array_equal(clip_update(A, B, 0.0)["w"], A["w"])
+
+
+def _exact_weighted_mean(values, weights):
+    """The weighted mean from math.fsum's exact sums, rounded as ``result()`` rounds it."""
+    sums = [math.fsum(float(v[j]) * w for v, w in zip(values, weights)) for j in range(len(values[0]))]
+    return (np.array(sums) / sum(weights)).astype(np.float32)
+
+
+@pytest.mark.parametrize("chunk", [8, 16, 1 << 15])
+def test_the_fold_gives_the_rounded_exact_sum_in_every_order(monkeypatch, chunk):
+    """Large-and-tiny values, cancellations, zeros, subnormals, weights up to 2**29, over chunk
+    boundaries: every arrival order gives the rounded exact sum, bit for bit."""
+    import meduniverse_flwr.aggregation as aggregation_module
+
+    monkeypatch.setattr(aggregation_module, "FOLD_CHUNK", chunk)
+    rng = np.random.default_rng(7)
+    n = 96
+    calm = [rng.normal(size=n).astype(np.float32) for _ in range(4)]
+    big = (rng.normal(size=n) * 10.0 ** rng.integers(0, 30, n)).astype(np.float32)
+    spread = [big, -big, (rng.normal(size=n) * 1e-30).astype(np.float32),
+              (rng.normal(size=n) * 1e-44).astype(np.float32)]  # cancellation, tiny, subnormal
+    for values in (calm, spread):
+        for v in values[::2]:
+            v[rng.random(n) < 0.3] = 0.0
+        values[0][: n // 2] = 0.0
+        for rule, weights in (("mean", [1, 1, 1, 1]), ("weighted", [3, 7, 1, 5]),
+                              ("weighted", [2**29 - 1, 1, 700_001, 2**28])):
+            expected = _exact_weighted_mean(values, weights)
+            for order in itertools.permutations(range(4)):
+                running = RunningAggregate(rule)
+                for i in order:
+                    running.add({"w": values[i].reshape(8, 12)}, weights[i])
+                np.testing.assert_array_equal(running.result()["w"].reshape(-1).view(np.uint32),
+                                              expected.view(np.uint32))

@@ -79,10 +79,19 @@ def _splits(n=6, size=28, labels=None):
 
 
 def test_write_then_read_round_trip(tmp_path):
+    # distinct pixels and labels per split (not zeros): a dropped row, a changed value, a lossy dtype
+    # or splits read in the wrong slot all come back different
+    rng = np.random.default_rng(0)
+    written = {s: Split(rng.integers(0, 256, (6, 28, 28), dtype=np.uint8), rng.integers(0, 2, (6, 1)))
+               for s in ("train", "val", "test")}
     path = tmp_path / "toy.npz"
-    write_npz(path, _splits())
+    write_npz(path, written)
     splits = read_npz(path, 2, "binary")
-    assert len(splits["val"]) == 6
+    assert sorted(splits) == sorted(written)
+    for name, split in written.items():
+        assert splits[name].images.dtype == np.uint8 and splits[name].labels.dtype == np.int64
+        np.testing.assert_array_equal(splits[name].images, split.images)
+        np.testing.assert_array_equal(splits[name].labels, split.labels)
 
 
 @pytest.mark.parametrize(

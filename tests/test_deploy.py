@@ -4,24 +4,28 @@ different tasks, each reading only its own (tiny, made-here) MedMNIST-layout fil
 ``flwr run . meduniverse-local`` on top. Every process is stopped by PID, also on failure.
 
 The nodes share this machine's cores with whatever else runs on it, so a test waits for events
-(a file written, a log line, a process ended) under generous limits; only the test of the stage
-timeout waits for a timeout, one long enough for the run's first replies."""
+(a file written, a log line, a process ended) under generous limits, and a node that must not
+answer is held by a gate the test controls (``Gate``), never raced: only the test of the stage
+timeout waits for a timeout, set from what this machine was measured to take."""
 
 import contextlib
 import json
+import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
 from conftest import ROOT, write_medmnist
 from simulation.flower import finish_flwr_run, free_port, run_status, start_flwr_run
 
-from deploy.flwr_cli import flwr, register, supernodes
+from deploy.flwr_cli import BIN, flower_env, flwr, register, supernodes
 from deploy.launch import INSECURE_WARNING, LOCAL_CONNECTION, LocalDeployment, supernode_command, supernode_env
 from deploy.make_certs import make_certs
 from deploy.processes import command_line, descendants, running, start, stop
@@ -34,6 +38,70 @@ FLAGS = ["pneumoniamnist", "bloodmnist", "organamnist"]  # 2, 8 and 11 classes; 
 RUN = "local-epochs=1 probe-epochs=2 pretrain='none' batch-size=32"
 
 
+GATE_ENV = "TEST_CLIENTAPP_GATE"
+# First on a gated SuperNode's PATH, so its SuperExec starts this for each message the node gets. While
+# the gate's hold file exists a launch waits until the test lets it through (go-<pid>) or opens the gate;
+# then it becomes the real flwr-clientapp (same PID, same arguments). Without a hold file it is only exec.
+GATE_SCRIPT = """#!/bin/sh
+gate="$TEST_CLIENTAPP_GATE"
+if [ -e "$gate/hold" ]; then
+    : > "$gate/held-$$"
+    while [ -e "$gate/hold" ] && [ ! -e "$gate/go-$$" ]; do sleep 0.1; done
+fi
+exec "REAL" "$@"
+"""
+RECEIVING = re.compile(r"Receiving: (\w+) message")
+
+
+class Gate:
+    """One SuperNode's ClientApp launches, held while the test says so. A SuperNode takes its next
+    message only once the last one is answered, and a launch shows up after the node logged
+    ``Receiving: <type> message`` for it, so a held launch is for the type last logged then
+    (``kinds``). A claim Flower sees unused for 30 s is launched again: held again, same type."""
+
+    def __init__(self, directory: Path, log: Path) -> None:
+        self.dir, self.log = directory, log
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.kinds: dict[int, str] = {}  # held launch (PID) -> the type of message it is for
+        self.through: set[int] = set()
+
+    def hold(self) -> None:
+        for old in [*self.dir.glob("held-*"), *self.dir.glob("go-*")]:
+            old.unlink()
+        self.kinds, self.through = {}, set()
+        (self.dir / "hold").touch()
+
+    def held(self) -> dict[int, str]:
+        """Every launch held since ``hold()``, each with the type of its message."""
+        for path in self.dir.glob("held-*"):
+            pid = int(path.name.removeprefix("held-"))
+            if pid not in self.kinds:
+                received = RECEIVING.findall(self.log.read_text())
+                self.kinds[pid] = received[-1] if received else "?"
+        return self.kinds
+
+    def let_through(self, types: Iterable[str]) -> None:
+        """Let the held launches for these types of message go on (to flwr-clientapp)."""
+        for pid, kind in self.held().items():
+            if kind in types and pid not in self.through:
+                (self.dir / f"go-{pid}").touch()
+                self.through.add(pid)
+
+    def holds(self, kind: str) -> bool:
+        """Whether a launch for a ``kind`` message waits here now."""
+        return any(k == kind and pid not in self.through and running(pid) for pid, k in self.held().items())
+
+    def open(self) -> None:
+        """Launch as usual from now on: the newest held launch goes on (an older one holds a claim Flower
+        has dropped: it is ended, by its PID)."""
+        waiting = sorted((pid for pid in self.held() if pid not in self.through and running(pid)),
+                         key=lambda pid: (self.dir / f"held-{pid}").stat().st_mtime_ns)
+        for pid in waiting[:-1]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        (self.dir / "hold").unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     root = tmp_path_factory.mktemp("deployment")
@@ -42,8 +110,14 @@ def deployment(tmp_path_factory):
         site = root / f"site-{index}"
         site.mkdir()
         datasets.append(f"medmnist:{write_medmnist(site, flag, n=(64, 24, 24), seed=index)}")
+    gate_bin = root / "gate-bin"
+    gate_bin.mkdir()
+    (gate_bin / "flwr-clientapp").write_text(GATE_SCRIPT.replace("REAL", str(BIN / "flwr-clientapp")))
+    (gate_bin / "flwr-clientapp").chmod(0o755)
+    path = f"{gate_bin}{os.pathsep}{flower_env()['PATH']}"
     link = LocalDeployment(root / "link", datasets, data_root=str(root / "cache"), flwr_home=root / "flwr-home",
-                           port=free_port(), node_ports=[free_port() for _ in datasets])
+                           port=free_port(), node_ports=[free_port() for _ in datasets],
+                           node_env=[{"PATH": path, GATE_ENV: str(root / f"gate-{i}")} for i in range(len(datasets))])
     link.start()
     try:
         yield link
@@ -52,6 +126,12 @@ def deployment(tmp_path_factory):
         link.stop()
         survivors = [pid for pid in started if running(pid)]
         assert not survivors, f"processes left running: {survivors}"
+
+
+@pytest.fixture(scope="module")
+def gates(deployment):
+    """One ``Gate`` per SuperNode of ``deployment``, all open until a test holds one."""
+    return [Gate(deployment.dir.parent / f"gate-{i}", deployment.log(f"node-{i}")) for i in range(len(FLAGS))]
 
 
 def wait_until(condition, what: str, run: tuple[subprocess.Popen, Path] | None = None, timeout: float = 900) -> None:
@@ -205,31 +285,53 @@ def test_insecure_mode_needs_the_explicit_flag(role, tmp_path):
     assert INSECURE_WARNING in err_file.read_text()
 
 
-def test_a_stage_without_replies_ends_by_its_timeout(deployment):
-    """Every node's apps hang (SIGSTOP below the SuperNode) once stage 0 is written: stage 1 ends
-    at its timeout, the run fails with the reason, and stage 0's results stay on disk.
+def test_a_stage_without_replies_ends_by_its_timeout(deployment, gates, straight):
+    """A run resumed from a copy of ``straight`` (stages 0 and 1 done) asks for stage 2, and every
+    node's ClientApp for its train message is held at the gate: stage 2 ends at its timeout with
+    no reply, the run fails with the reason, and what the earlier stages wrote stays as it was.
 
-    The SuperNodes themselves run on, so their heartbeat keeps them online and the stage cannot
-    end by Flower reporting them gone. The one timeout also bounds the run's first replies (task
-    cards, stage 0), which take half a minute when other work shares the cores: hence 60 s."""
-    log_file = deployment.dir / "hung.log"
+    The SuperNodes run on (only the ClientApp launch waits), so their heartbeat keeps them online
+    and the stage cannot end by Flower reporting them gone; the held claim is never started, so
+    Flower makes no error reply for it either. What must come before stage 2 is only the task
+    cards (a resumed run skips stage 0), and the one stage-timeout also bounds that query: one
+    ClientApp round per node, lighter than the stage-0 round ``straight`` timed on this machine,
+    so the timeout is twice that time (60 s at least) instead of a fixed margin. Once the run has
+    failed the gates open: the late replies reach a finished run and are dropped."""
+    timeout = float(max(60, math.ceil(2 * straight["stages"][0]["seconds"])))
+    source = run_directory(deployment.dir / "runs" / "straight")
     output_dir = deployment.dir / "runs" / "hung"
-    proc = start_flwr_run(deployment.env, f"{RUN} clients-per-stage=3 num-stages=1 stage-timeout=60.0 "
-                          f"output-dir='runs/hung'", log_file, connection=LOCAL_CONNECTION)
-    frozen = []
+    copy = output_dir / source.name
+    shutil.copytree(source, copy, symlinks=True)
+    written = {path.relative_to(copy): path.read_bytes() for path in copy.rglob("*") if path.is_file()}
+    log_file = deployment.dir / "hung.log"
+    ignored = [gate.log.read_text().count("Ignoring reply message") for gate in gates]
+    for gate in gates:
+        gate.hold()
+    proc = start_flwr_run(deployment.env, f"{RUN} clients-per-stage=3 num-stages=2 stage-timeout={timeout} "
+                          f"output-dir='runs/hung' resume-from='{copy}'", log_file, connection=LOCAL_CONNECTION)
     try:
-        wait_until(lambda: stages_in(output_dir) == [0], "stage 0", run=(proc, log_file))
-        frozen = freeze_below([deployment.processes[f"node-{i}"].pid for i in range(3)])
-        assert len(frozen) >= 3, "no SuperExec below the SuperNodes"
-        run_id, output = finish_flwr_run(proc, log_file, 900)
+        def served() -> bool:
+            for gate in gates:
+                gate.let_through({"query"})  # the task cards; a train message's ClientApp stays held
+            return proc.poll() is not None
+        wait_until(served, "the run to end", timeout=900 + timeout)
+        run_id, output = finish_flwr_run(proc, log_file, 60)
+        held = {FLAGS[i] for i, gate in enumerate(gates) if "train" in gate.held().values()}
+        assert deployment.online() == 3  # every SuperNode ran on
     finally:
-        for pid in frozen:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+        for gate in gates:
+            gate.open()
     assert run_status(deployment.env, run_id).startswith("finished:failed")
-    assert "stage 1: timed out after 60s; no reply from nodes" in output
-    assert "stage 1: 0 valid replies, fewer than min-replies=1" in output
-    assert stages_in(output_dir) == [0]
+    timed_out = re.search(rf"stage 2: timed out after {timeout:.0f}s; no reply from nodes (.*)", output)
+    assert timed_out, output[-3000:]
+    assert set(re.findall(r"\((\w+)\)", timed_out.group(1))) == held and held  # silent: the nodes held
+    assert "stage 2: 0 valid replies, fewer than min-replies=1" in output
+    assert f"results up to stage 1 are kept in {copy}" in output
+    # the held ClientApps now answer a run that has ended: the SuperLink drops their replies
+    late = [(gate, before) for flag, gate, before in zip(FLAGS, gates, ignored) if flag in held]
+    wait_until(lambda: all(gate.log.read_text().count("Ignoring reply message") > before for gate, before in late),
+               "the late replies to be dropped", timeout=900)
+    assert {path.relative_to(copy): path.read_bytes() for path in copy.rglob("*") if path.is_file()} == written
 
 
 def test_a_killed_server_app_resumes_to_the_same_results(deployment, straight):
@@ -334,28 +436,35 @@ def test_a_site_enforces_its_privacy_floor_over_runs_and_restarts(tmp_path):
         link.stop()
 
 
-def test_a_killed_node_does_not_stop_the_stage(deployment):
+def test_a_killed_node_does_not_stop_the_stage(deployment, gates):
     """K=2 of 3 asked: node 2 dies (the SuperNode and every process below it) after it got its
-    train message. The stage ends on the two live replies; the evaluation ends when the SuperLink
-    reports the dead node unavailable (no heartbeat for up to a minute), long before the stage
-    timeout, which is generous since it also bounds the live nodes' replies.
+    train message, with its ClientApp for it held at the gate, so no reply of its can exist; the
+    live nodes' ClientApps for their train messages are held until then, so the stage cannot end
+    before the death either. The stage ends on the two live replies; the evaluation ends when the
+    SuperLink reports the dead node unavailable (no heartbeat for up to a minute), long before the
+    stage timeout, which is generous since it also bounds the live nodes' replies.
     Last in this module: Flower refuses a restarted SuperNode until it has marked the dead one
     offline."""
     victim = deployment.processes["node-2"]
-    log = deployment.log("node-2")
-    seen = log.read_text().count("Receiving: train message")
     log_file = deployment.dir / "killed-node.log"
+    for gate in gates:
+        gate.hold()
     proc = start_flwr_run(deployment.env, f"{RUN} clients-per-stage=2 oversample=1.5 num-stages=1 "
                           f"stage-timeout=300.0 output-dir='runs/killed-node'", log_file,
                           connection=LOCAL_CONNECTION)
     try:
-        wait_until(lambda: log.read_text().count("Receiving: train message") > seen, "the train message",
-                   run=(proc, log_file))
+        def served() -> bool:
+            for gate in gates:
+                gate.let_through({"query", "evaluate"})  # task cards and stage 0; train messages wait
+            return gates[2].holds("train")
+        wait_until(served, "node 2's train message", run=(proc, log_file))
         os.kill(victim.pid, signal.SIGSTOP)  # frozen first, so that nothing below it is orphaned
         for pid in [*freeze_below([victim.pid]), victim.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         victim.wait()
+        for gate in gates[:2]:
+            gate.open()
         run_id, output = finish_flwr_run(proc, log_file, 1800)
         assert run_status(deployment.env, run_id) == "finished:completed", output[-3000:]
         results = json.loads((deployment.dir / "runs" / "killed-node" / "latest" / "results.json").read_text())
@@ -366,5 +475,7 @@ def test_a_killed_node_does_not_stop_the_stage(deployment):
         dead = re.search(rf"node (\d+): {FLAGS[2]} \(", output).group(1)
         assert any("evaluation" in line and dead in line for line in output.splitlines())  # its score is missing
     finally:
+        for gate in gates:
+            gate.open()
         if proc.poll() is None:
             proc.kill()

@@ -125,3 +125,19 @@ def test_sweep_runs_jobs_writes_a_summary_and_leaves_no_process(tmp_path, tiny_s
     # every SuperLink / simulation / Ray process of the sweep ran with paths inside sweep_dir
     survivors = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
     assert str(sweep_dir) not in survivors
+    # what job 1 made of its overrides: each reached the run's config (none left at its default), both
+    # tasks are scored at both stages, and the summary's numbers are the mean of those scores
+    results = json.loads((sweep_dir / "1" / "results.json").read_text())
+    overridden = {"num-stages": 1, "local-epochs": 1, "probe-epochs": 2, "clients-per-stage": 2, "pretrain": "none",
+                  "attack-nodes": 1, "attack-factor": 1000.0, "max-update-ratio": 1e9,
+                  "datasets": ",".join(tiny_sites[:2])}
+    assert {key: results["config"][key] for key in overridden} == overridden
+    stages = results["stages"]
+    assert [s["stage"] for s in stages] == [0, 1]
+    for stage in stages:
+        scores = stage["per_task"]
+        assert set(scores) == {"pneumoniamnist", "bloodmnist"}
+        assert all(0 <= m[key] <= 1 for m in scores.values() for key in ("accuracy", "auc"))
+        assert stage["mean_accuracy"] == pytest.approx(sum(m["accuracy"] for m in scores.values()) / 2)
+    assert float(rows[1]["final_mean_accuracy"]) == pytest.approx(stages[1]["mean_accuracy"])
+    assert float(rows[1]["gain_over_stage0"]) == pytest.approx(stages[1]["mean_accuracy"] - stages[0]["mean_accuracy"])

@@ -240,3 +240,16 @@ def test_the_calibration_cli_prints_the_noise(capsys):
     privacy.main(["--epsilon", "4", "--level", "example", "--num-stages", "3", "--n-train", "1000", "3882"])
     lines = capsys.readouterr().out.split()
     assert float(lines[-1]) == pytest.approx(privacy.noise_multiplier_for(4, 1e-5, 0.064, 96), abs=1e-4)
+
+
+def test_the_cli_gives_the_epsilon_after_each_stage_of_a_noise_multiplier(capsys):
+    """The inverse of the calibration: the noise it gives for epsilon 4 after 3 stages spends about 4 by stage 3."""
+    sigma = privacy.noise_multiplier_for(4, 1e-5, 0.064, 96)
+    privacy.main(["--noise-multiplier", str(sigma), "--level", "example", "--num-stages", "3", "--n-train", "1000"])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("n-train 1000: epsilon after stages 1..3: ")
+    per_stage = [float(e) for e in line.rsplit(": ", 1)[1].split(" / ")]
+    assert per_stage == [round(privacy.epsilon_of([(sigma, 0.064, 32)] * s, 1e-5), 2) for s in (1, 2, 3)]
+    assert per_stage[0] < per_stage[1] < per_stage[2] == pytest.approx(4, abs=0.01)
+    privacy.main(["--noise-multiplier", "2.005", "--level", "site", "--num-stages", "2"])
+    assert capsys.readouterr().out.startswith("federation: epsilon after stages 1..2: ")

@@ -6,14 +6,18 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from conftest import default_run_config, write_medmnist
 from flwr.app import Context, RecordDict
+from safetensors.torch import load_file
+from scipy.stats import trim_mean
 from simulation.inprocess import InProcessGrid
 from test_real_data import write_dicom, write_png
 
-from meduniverse_flwr import aggregation, registry, server_app, transport
+from meduniverse_flwr import aggregation, registry, server_app, task, transport
 from meduniverse_flwr.client_app import app as client_app
 from meduniverse_flwr.config import ConfigError, RunConfig
+from meduniverse_flwr.model import create_backbone
 
 REGISTRIES = {
     "strategy": registry.STRATEGIES,
@@ -87,25 +91,98 @@ def tiny_run(run_config, sites, tmp_path, num_nodes=2, **overrides):
     return results
 
 
+def bases(tmp_path):
+    """The stage-0 and stage-1 bases of the last tiny_run, as float32 arrays."""
+    run = tmp_path / "out" / "latest" / "checkpoints"
+    return [{k: v.numpy() for k, v in load_file(run / f"stage-{s}.safetensors").items()} for s in (0, 1)]
+
+
 @pytest.mark.parametrize("name", registry.STRATEGIES)
 def test_every_strategy_runs(name, run_config, sites, tmp_path):
-    tiny_run(run_config, sites, tmp_path, strategy=name)
+    final = tiny_run(run_config, sites, tmp_path, strategy=name)["stages"][-1]
+    before, after = bases(tmp_path)
+    # what the strategy does to the base and to the nodes, not just that it finished:
+    # local never changes the server's base; centralized trains on the server (nodes send nothing up)
+    assert all(np.array_equal(before[k], after[k]) for k in before) == (name == "local")
+    assert (final["bytes_up"] == 0 and not final["nodes"]) == (name == "centralized")
+
+
+# what each rule should make of K updates u (num_examples n) and the base: computed here, not by RULES
+EXPECTED_AGGREGATE = {
+    "mean": lambda u, n, base: u.mean(axis=0),
+    "weighted": lambda u, n, base: np.tensordot(n / n.sum(), u, axes=1),
+    "median": lambda u, n, base: np.median(u, axis=0),
+    "trimmed-mean": lambda u, n, base: trim_mean(u, default_run_config()["trim-fraction"], axis=0),
+    "ties": lambda u, n, base: base + aggregation.ties_merge(u - base, default_run_config()["merge-density"]),
+}
 
 
 @pytest.mark.parametrize("name", aggregation.RULES)
-def test_every_aggregation_rule_runs(name, run_config, sites, tmp_path):
-    tiny_run(run_config, sites, tmp_path, aggregation=name)
+def test_every_aggregation_rule_runs(name, run_config, sites, tmp_path, monkeypatch):
+    # record the updates the registered rule is given, then check the stage-1 base is that rule's
+    # result on them: three nodes (two share a dataset, so example counts differ) so that
+    # median, mean and weighted differ
+    given = []
+    make = aggregation.RULES[name]
+
+    def recording(base, trim_fraction, density):
+        running = make(base, trim_fraction, density)
+
+        def add(update, num_examples, fold=running.add):
+            given.append((update, num_examples))
+            fold(update, num_examples)
+
+        running.add = add
+        return running
+
+    monkeypatch.setitem(aggregation.RULES, name, recording)
+    tiny_run(run_config, sites, tmp_path, num_nodes=3, aggregation=name)
+    assert len(given) == 3, f"the '{name}' rule aggregated {len(given)} updates, expected the stage's 3"
+    before, after = bases(tmp_path)
+    counts = np.array([n for _, n in given], np.float64)
+    assert len(set(counts)) > 1  # unequal weights: 'weighted' is not 'mean' here
+    for key, base in before.items():
+        stacked = np.stack([update[key] for update, _ in given]).astype(np.float64)
+        expected = EXPECTED_AGGREGATE[name](stacked, counts, base.astype(np.float64))
+        np.testing.assert_allclose(after[key], expected, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 @pytest.mark.parametrize("name", registry.EVAL_PROTOCOLS)
-def test_every_evaluation_protocol_runs(name, run_config, sites, tmp_path):
-    tiny_run(run_config, sites, tmp_path, eval_mode=name)
+def test_every_evaluation_protocol_runs(name, run_config, sites, tmp_path, monkeypatch):
+    # the protocol's own function (named here, not read from the registry) scores every task at
+    # every stage, and its scores are the reported ones
+    attribute = {"linear-probe": "probe_score", "finetune": "finetune_score"}[name]
+    scored, protocol = [], getattr(task, attribute)
+
+    def recording(model_name, image_size, node_task, backbone, settings):
+        scores = protocol(model_name, image_size, node_task, backbone, settings)
+        scored.append((node_task.card.name, scores))
+        return scores
+
+    monkeypatch.setattr(task, attribute, recording)
+    results = tiny_run(run_config, sites, tmp_path, eval_mode=name)
+    assert len(scored) == 2 * len(results["stages"])  # 2 tasks x (stage 0 + stage 1)
+    for stage, calls in zip(results["stages"], (scored[:2], scored[2:])):
+        assert {t: (s["accuracy"], s["auc"]) for t, s in calls} == \
+               {t: (m["accuracy"], m["auc"]) for t, m in stage["per_task"].items()}
+
+
+# what each source makes of the sites the fixture writes: task name -> (modality, test examples scored)
+SOURCE_TASKS = {
+    "embedded": {"ct-tissue": ("CT", 400), "histology-stain": ("histopathology (IHC)", 399)},
+    "medmnist": {"pneumoniamnist": ("chest X-ray", 8), "bloodmnist": ("blood cell microscopy", 8)},
+    "npz": {"site-x": ("unknown", 8), "site-y": ("unknown", 8)},
+    "folder": {"site-a": ("images (site folder)", 8), "site-b": ("images (site folder)", 8)},
+    "dicom": {"ct-a": ("DICOM", 6), "ct-b": ("DICOM", 6)},
+}
 
 
 @pytest.mark.parametrize("name", registry.SOURCES)
 def test_every_data_source_runs(name, run_config, sites, tmp_path):
     results = tiny_run(run_config, sites, tmp_path, datasets=",".join(sites[name]))
-    assert len(results["stages"][-1]["per_task"]) == 2
+    # the source's own loader named and read these sites (another loader gives other names or facts)
+    assert {task: (results["tasks"][task]["modality"], scores["n_scored"])
+            for task, scores in results["stages"][-1]["per_task"].items()} == SOURCE_TASKS[name]
 
 
 @pytest.mark.parametrize("name", registry.PARTITIONS)
@@ -116,11 +193,22 @@ def test_every_partition_runs(name, run_config, sites, tmp_path):
 
 @pytest.mark.parametrize("name", transport.TRANSPORT_DTYPES)
 def test_every_transport_dtype_runs(name, run_config, sites, tmp_path):
-    tiny_run(run_config, sites, tmp_path, transport_dtype=name)
+    final = tiny_run(run_config, sites, tmp_path, transport_dtype=name)["stages"][-1]
+    # what the 2 nodes send up is the dtype's size per backbone value: 4 bytes for fp32, 2 for fp16 / bf16
+    values = sum(v.size for v in bases(tmp_path)[1].values())
+    itemsize = {"fp32": 4, "fp16": 2, "bf16": 2}[name]  # named here, not read from the registry
+    assert itemsize * values * 2 <= final["bytes_up"] < (itemsize + 0.5) * values * 2
 
 
 @pytest.mark.parametrize("name", registry.PRETRAIN_METHODS)
 def test_every_pretraining_method_runs(name, run_config, sites, tmp_path):
     results = tiny_run(run_config, sites, tmp_path, pretrain=name, pretrain_epochs=1,
                        data_root=str(tmp_path / "cache"))
-    assert results["config"]["pretrain"] == name
+    # the stage-0 base was trained, away from the seeded random init a pretrain='none' run starts from
+    torch.manual_seed(results["config"]["seed"])
+    init = create_backbone(results["config"]["model"], results["config"]["image-size"]).state_dict()
+    stage0 = bases(tmp_path)[0]
+    assert not all(np.array_equal(init[k].numpy(), stage0[k]) for k in init)
+    # ... by the named method: MAE reconstructs through a decoder, SimMIM through a linear head on the encoder
+    (state,) = (tmp_path / "cache").glob(f"**/pretrain/{name}-*/state.safetensors")
+    assert any(k.startswith("model/decoder") for k in load_file(state)) == (name == "mae")

@@ -243,7 +243,12 @@ def test_held_out_tasks_different_stage_counts_and_an_explicit_out(tmp_path, cap
     final = md_table(text, "Accuracy at the final stage (2), by strategy")
     assert final["task"] == ["stagewise", "stagewise [held out: c]", "fedavg [held out: c]"]
     assert final["c"] == [f"{accuracy('stagewise', 0, 2, 'c'):.4f}", "held out", "held out"]
-    assert "stagewise [held out: c] vs fedavg [held out: c] (stage 2)" in md_table(text, "Paired tests")
+    tests = md_table(text, "Paired tests")
+    assert "stagewise [held out: c] vs fedavg [held out: c] (stage 2)" in tests
+    held_c = [accuracy("stagewise", k, n, "c") for n in (0, 2) for k in (0, 1)]
+    row = tests["stagewise [held out: c], held-out tasks: stage 2 vs 0"]
+    assert row[:2] == ["2", f"{(held_c[2] + held_c[3] - held_c[0] - held_c[1]) / 2:+.4f}"]
+    assert not any("pooled" in name for name in tests)  # one held-out set per strategy: nothing to pool
 
 
 def test_one_run_writes_no_report_unless_asked_and_duplicates_count_once(tmp_path, capsys):

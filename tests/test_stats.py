@@ -106,6 +106,29 @@ def test_comparisons_final_vs_stage0_then_stagewise_vs_the_others_holm_across_al
     assert [c.holm_p for c in result] == holm([c.test.wilcoxon_p for c in result])
 
 
+
+def test_held_out_tasks_are_compared_per_set_then_pooled_over_a_strategys_sets_holm_across_all():
+    """Leave one task out: each set's held-out task at the final stage vs stage 0, then every set's
+    pairs of a strategy together (the LOTO p-value), in the same Holm family as the trained tasks."""
+    trained = scores({"b": [0.6, 0.6, 0.6]})
+    groups = {("stagewise", ("a",)): [trained, trained], ("stagewise", ("b",)): [trained, trained]}
+    held = {("stagewise", ("a",)): [scores({"a": [0.5, 0.6, 0.7]}), scores({"a": [0.4, 0.62, 0.5]})],
+            ("stagewise", ("b",)): [scores({"b": [0.8, 0.7, 0.9]}), scores({"b": [0.7, 0.71, 0.6]})],
+            ("stagewise", ()): [{}, {}]}  # a group holding nothing out has no held-out row
+    result = comparisons(groups, final_stage=1, held_out=held)
+    assert [(c.after[0], c.held_out) for c in result] == [
+        (("stagewise", ("a",)), False), (("stagewise", ("b",)), False),
+        (("stagewise", ("a",)), True), (("stagewise", ("b",)), True), (("stagewise", ()), True)]
+    assert result[2].test == paired_test([0.4, 0.62, 0.5], [0.5, 0.6, 0.7])
+    pooled = result[4].test
+    assert pooled.n == 6 and pooled.mean_diff == pytest.approx((-0.1 + 0.02 - 0.2 - 0.1 + 0.01 - 0.3) / 6)
+    assert pooled.wilcoxon_p == scipy_stats.wilcoxon([0.4, 0.62, 0.5, 0.7, 0.71, 0.6],
+                                                     [0.5, 0.6, 0.7, 0.8, 0.7, 0.9]).pvalue
+    assert [c.holm_p for c in result] == holm([c.test.wilcoxon_p for c in result])
+    only_a = {("stagewise", ("a",)): held[("stagewise", ("a",))]}
+    one_set = comparisons({("stagewise", ("a",)): [trained, trained]}, 1, held_out=only_a)
+    assert [c.held_out for c in one_set] == [False, True]  # one set: nothing to pool
+
 def test_gain_over_stage0_per_seed_then_spread_and_per_task_gains():
     spreads = gain_spreads([[0.5, 0.6, 0.7], [0.4, 0.6, None], [0.6, 0.6, 0.8]])
     assert spreads[0] == Spread(0.0, 0.0, 3)

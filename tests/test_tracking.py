@@ -2,6 +2,7 @@
 own reader and compared with the file; ``none`` needs neither library."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -156,6 +157,106 @@ def test_a_resumed_run_continues_its_mlflow_run(results, monkeypatch, shared_sto
     assert run.info.run_name == run_dir.name and run.info.status == "FINISHED"
     assert run.data.params["num-stages"] == "2"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "seconds")] == [0, 1, 2]
+
+
+@pytest.fixture
+def resume_store(monkeypatch, shared_store):
+    """The shared store, in an experiment of its own: (client, experiment id)."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", shared_store)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "resume-warnings")
+    client = MlflowClient(shared_store)
+    return client, (client.get_experiment_by_name("resume-warnings")
+                    or client.get_experiment(client.create_experiment("resume-warnings"))).experiment_id
+
+
+def open_and_close(run_dir, caplog):
+    """Open the run dir's MLflow tracker and close it: (its run id, the warning lines Flower's log got)."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        tracker = open_tracker("mlflow", run_dir, CONFIG, run_dir.name)
+        tracker.close()
+    return tracker.run_id, [r.getMessage() for r in caplog.records
+                            if r.name == "flwr" and r.levelno >= logging.WARNING]
+
+
+def assert_one_new_run_line(lines, pointer, reason, new_id, client, experiment_id):
+    """Exactly one line: it names the file, the reason and the new run, which exists and finished."""
+    [line] = lines
+    assert line.startswith(f"tracking: cannot resume the MLflow run of {pointer} (") and reason in line, line
+    assert line.endswith(f"): started a new run {new_id}") and "\n" not in line and "\x1b" not in line, line
+    assert json.loads(pointer.read_text())["run_id"] == new_id  # the next resume continues the new run
+    assert client.get_run(new_id).info.status == "FINISHED"
+    assert new_id in {r.info.run_id for r in client.search_runs([experiment_id])}
+
+
+def test_a_good_pointer_resumes_its_run_with_no_warning(tmp_path, caplog, resume_store):
+    run_dir = tmp_path / "run-good"
+    run_dir.mkdir()
+    first, lines = open_and_close(run_dir, caplog)
+    assert lines == []  # no pointer yet: a run's first start is no resume
+    again, lines = open_and_close(run_dir, caplog)
+    assert again == first and lines == []
+    assert resume_store[0].get_run(first).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("text, reason", [
+    ('{"tracking_uri": "sqlite:///x.db", "run_id": ', "unreadable: Expecting value"),  # cut short by a crash
+    ('{"tracking_uri": 1, "experiment_id": "1", "run_id": "abc"}', "not an object of the strings"),
+    ("[]", "not an object of the strings"),
+    ("\udcff", "unreadable: "),  # not UTF-8
+])
+def test_a_corrupt_pointer_starts_a_new_run_in_one_warning_line(text, reason, tmp_path, caplog, resume_store):
+    run_dir = tmp_path / "run-corrupt"
+    run_dir.mkdir()
+    pointer = run_dir / MLFLOW_POINTER
+    pointer.write_bytes(text.encode("utf-8", "surrogateescape"))
+    new_id, lines = open_and_close(run_dir, caplog)
+    assert_one_new_run_line(lines, pointer, reason, new_id, *resume_store)
+
+
+def test_a_run_mlflow_does_not_know_starts_a_new_run_in_one_warning_line(tmp_path, caplog, resume_store,
+                                                                       shared_store):
+    """The store refuses update_run (a run deleted from the store, a forged id): the line escapes the id."""
+    run_dir = tmp_path / "run-unknown"
+    run_dir.mkdir()
+    pointer = run_dir / MLFLOW_POINTER
+    forged = "0123456789abcdef\n\x1b[31mforged line"
+    pointer.write_text(json.dumps({"tracking_uri": shared_store, "experiment_id": "0", "run_id": forged}))
+    new_id, lines = open_and_close(run_dir, caplog)
+    assert_one_new_run_line(lines, pointer, "MLflow refused to reopen run 0123456789abcdef\\n\\x1b[31mforged line",
+                            new_id, *resume_store)
+
+
+def test_a_failed_update_run_starts_a_new_run_in_one_warning_line(tmp_path, caplog, resume_store, monkeypatch):
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    run_dir = tmp_path / "run-refused"
+    run_dir.mkdir()
+    first, _ = open_and_close(run_dir, caplog)
+
+    def refuse(self, run_id, **kwargs):  # what a tracking server that is down, or read-only, answers
+        raise MlflowException("API request to endpoint /api/2.0/mlflow/runs/update failed\nwith error code 503")
+
+    monkeypatch.setattr(MlflowClient, "update_run", refuse)
+    new_id, lines = open_and_close(run_dir, caplog)
+    assert new_id != first
+    assert_one_new_run_line(lines, run_dir / MLFLOW_POINTER,
+                            f"MLflow refused to reopen run {first}: API request to endpoint "
+                            "/api/2.0/mlflow/runs/update failed with error code 503", new_id, *resume_store)
+
+
+def test_a_pointer_to_another_store_starts_a_new_run_in_one_warning_line(tmp_path, caplog, resume_store):
+    run_dir = tmp_path / "run-moved"
+    run_dir.mkdir()
+    pointer = run_dir / MLFLOW_POINTER
+    elsewhere = "http://user:secret@tracking.example:5000"
+    pointer.write_text(json.dumps({"tracking_uri": elsewhere, "experiment_id": "1", "run_id": "abc"}))
+    new_id, lines = open_and_close(run_dir, caplog)
+    assert_one_new_run_line(lines, pointer, "it names another tracking store than this run's", new_id, *resume_store)
+    assert "secret" not in lines[0]  # a URI may hold credentials
 
 
 def test_the_mlflow_target_follows_mlflows_variables(tmp_path):
