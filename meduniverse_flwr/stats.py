@@ -114,23 +114,22 @@ def comparisons(groups: Mapping[GroupKey, Sequence[Scores]], final_stage: int, r
     scores of the groups that hold tasks out) also each such group's held-out tasks at ``final_stage``
     against stage 0, and, for a strategy with several held-out sets, all its held-out pairs pooled.
     Holm across all of them."""
-    wanted = [((key, final_stage), (key, 0)) for key in groups]
-    wanted += [(((reference, held), final_stage), ((strategy, held), final_stage))
+    # (after, before, scored on held-out tasks, the values paired)
+    wanted = [((key, final_stage), (key, 0), False, paired(stages[final_stage], stages[0]))
+              for key, stages in groups.items()]
+    wanted += [(((reference, held), final_stage), ((strategy, held), final_stage), False,
+                paired(groups[reference, held][final_stage], groups[strategy, held][final_stage]))
                for strategy, held in groups if strategy != reference and (reference, held) in groups]
-    pairs = [paired(groups[a][a_stage], groups[b][b_stage]) for (a, a_stage), (b, b_stage) in wanted]
-    flags = [False] * len(wanted)
     held_out = {key: stages for key, stages in (held_out or {}).items() if key[1]}
-    for key, stages in held_out.items():
-        wanted.append(((key, final_stage), (key, 0)))
-        pairs.append(paired(stages[final_stage], stages[0]))
+    wanted += [((key, final_stage), (key, 0), True, paired(stages[final_stage], stages[0]))
+               for key, stages in held_out.items()]
     strategies = [s for s in dict.fromkeys(s for s, _ in held_out) if sum(k[0] == s for k in held_out) > 1]
-    for strategy in strategies:
-        wanted.append((((strategy, ()), final_stage), ((strategy, ()), 0)))
-        pairs.append(paired(_pooled(held_out, strategy, final_stage), _pooled(held_out, strategy, 0)))
-    flags += [True] * (len(wanted) - len(flags))
-    tests = [paired_test(*pair) for pair in pairs]
+    wanted += [(((strategy, ()), final_stage), ((strategy, ()), 0), True,
+                paired(_pooled(held_out, strategy, final_stage), _pooled(held_out, strategy, 0)))
+               for strategy in strategies]
+    tests = [paired_test(*pair) for *_, pair in wanted]
     adjusted = holm([t.wilcoxon_p for t in tests])
-    return [Comparison(a, b, t, p, flag) for (a, b), t, p, flag in zip(wanted, tests, adjusted, flags)]
+    return [Comparison(a, b, t, p, flag) for (a, b, flag, _), t, p in zip(wanted, tests, adjusted)]
 
 
 def gain_spreads(curves: Sequence[Sequence[float | None]]) -> list[Spread]:
