@@ -200,14 +200,15 @@ SITE_FLAGS = ("cache-dir", "download", "skip-unreadable", "device", "require-dp"
               "max-epsilon-delta")
 
 
-def _site_arguments() -> argparse.ArgumentParser:
+def _site_arguments(dataset_required: bool = True) -> argparse.ArgumentParser:
     """A site's arguments, shared by `supernode` and `check`: a site checks the very command line
     it will start its node with."""
     site = argparse.ArgumentParser(add_help=False)
     site.add_argument("--superlink", required=True, help="host:port of the SuperLink")
     site.add_argument("--ca", type=Path, help="the deployment's ca.crt")
     site.add_argument("--key", type=Path, help="this site's private authentication key (node-<i>)")
-    site.add_argument("--dataset", required=True, help="this site's dataset entry, e.g. medmnist:pneumoniamnist")
+    site.add_argument("--dataset", required=dataset_required,
+                      help="this site's dataset entry, e.g. medmnist:pneumoniamnist")
     site.add_argument("--data-root", default="", help="where this site's data lies (default: the app's)")
     site.add_argument("--port", type=int, default=9094, help="local port for this node's ClientApps")
     site.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (testing only)")
@@ -230,6 +231,33 @@ def _site_settings(args: argparse.Namespace) -> dict[str, object]:
     return {key: value for key, value in values.items() if value is not None and value is not False}
 
 
+def _node_config_file(args: argparse.Namespace) -> None:
+    """`check --node-config FILE`: the site's settings from the TOML file its SuperNode is started
+    with (``flower-supernode --node-config FILE``, deploy/containers/site.yml), not from flags."""
+    if args.node_config is None:
+        if args.dataset is None:
+            raise LaunchError("check: give --dataset (and the site flags) or --node-config FILE")
+        return
+    given = [f"--{key}" for key in ("dataset", "data-root", *SITE_FLAGS)
+             if getattr(args, key.replace("-", "_")) not in (None, False, "")]
+    if given:
+        raise LaunchError(f"check: --node-config {args.node_config} holds the site's settings; drop {given[0]}")
+    from flwr.common.config import parse_config_args
+
+    try:
+        settings = parse_config_args([str(existing(args.node_config, "check --node-config"))])
+    except ValueError as err:  # TOMLDecodeError
+        raise LaunchError(f"{args.node_config}: not a TOML node config ({err})") from None
+    unknown = sorted(set(settings) - {"dataset", "data-root", *SITE_FLAGS})
+    if unknown:
+        raise LaunchError(f"{args.node_config}: unknown node-config key '{unknown[0]}'")
+    for key, value in settings.items():
+        setattr(args, key.replace("-", "_"), value)
+    args.dataset = settings.get("dataset")
+    if not args.dataset:
+        raise LaunchError(f"{args.node_config}: no 'dataset'")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m deploy.launch", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -245,8 +273,11 @@ def _parser() -> argparse.ArgumentParser:
 
     site = _site_arguments()
     commands.add_parser("supernode", parents=[site], help="run one site's SuperNode (foreground)")
-    check = commands.add_parser("check", parents=[site],
+    check = commands.add_parser("check", parents=[_site_arguments(dataset_required=False)],
                                 help="check a site before it joins: the same arguments as `supernode`")
+    check.add_argument("--node-config", type=Path,
+                       help="the site's node-config TOML file (as its SuperNode gets it), instead of "
+                            "--dataset, --data-root and the site flags")
     check.add_argument("--image-size", type=int,
                        help="the run's image-size, if it is not the app's default")
 
@@ -290,6 +321,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "check":
             from deploy import preflight  # torch and the data loaders: only `check` needs them
 
+            _node_config_file(args)
             sys.exit(preflight.check(args.superlink, args.dataset, args.data_root, args.ca, args.key,
                                      args.insecure, _site_settings(args), args.image_size))
         elif args.command == "connect":

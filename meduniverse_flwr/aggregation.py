@@ -279,10 +279,25 @@ class TiesAggregate(BufferedAggregate):
                 for name, ref in self.base.items()}
 
 
+class Teachers(BufferedAggregate):
+    """Keeps the stage's K backbones as they came for a curation rule (``registry.CURATION_RULES``), which
+    trains the next base from them on the server's corpus; ``result()`` is never the next base."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda stacked: stacked)
+
+    @property
+    def updates(self) -> list[Arrays]:
+        return list(self._updates)
+
+    def result(self) -> dict[str, np.ndarray]:
+        raise ValueError("a curation rule's teachers are not combined into a base; its curator trains one")
+
+
 # Aggregation rule (``aggregation``) -> a new stage aggregate given the stage's base, ``trim-fraction``
 # and ``merge-density``; config validation reads the keys. ``mean`` / ``weighted`` stream;
 # ``median`` / ``trimmed-mean`` / ``ties`` buffer the K replies and ignore example counts (a site
-# cannot buy weight by claiming more examples).
+# cannot buy weight by claiming more examples); ``distill`` buffers them as teachers for its curator.
 RULES: dict[str, Callable[[Arrays, float, float], Aggregate]] = {
     "mean": lambda base, trim_fraction, density: RunningAggregate("mean"),
     "weighted": lambda base, trim_fraction, density: RunningAggregate("weighted"),
@@ -290,6 +305,7 @@ RULES: dict[str, Callable[[Arrays, float, float], Aggregate]] = {
     "trimmed-mean": lambda base, trim_fraction, density: BufferedAggregate(
         lambda stacked: trimmed_mean(stacked, trim_fraction)),
     "ties": lambda base, trim_fraction, density: TiesAggregate(base, density),
+    "distill": lambda base, trim_fraction, density: Teachers(),
 }
 
 

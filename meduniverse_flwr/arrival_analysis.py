@@ -1,6 +1,6 @@
 """The numbers of the arrival report (``arrival_report``), per eval-labels level, arm and metric: the
 arrival gain per arrival stage and pooled over stages >= 2 (tests, 95% CI, power), per task, of unseen
-and held-out tasks, and each arm against the first stage-wise arm. The statistics are in ``stats``."""
+and held-out tasks, and arm against arm (the first stage-wise arm, and each longer-pretrained control). The statistics are in ``stats``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from . import stats
-from .arrival_runs import ArrivalRun, arm_order, arrival_stages, find_reference, level_label, level_order
+from .arrival_runs import (RANDOM_INIT, ArrivalRun, arm_order, arrival_stages, find_reference, level_label,
+                           level_order)
 from .validation import safe_label
 
 METRICS = ("accuracy", "auc")
@@ -160,8 +161,8 @@ def arm_result(arm_runs: list[ArrivalRun], found: list[Arrival], metric: str) ->
 
 @dataclass(frozen=True)
 class Versus:
-    """One arm against the first stage-wise arm of its level, paired on the (task, seed) both score at
-    arrival stage >= 2: ``pooled`` holds the tests of the score differences (arm minus ``against``)."""
+    """One arm against another of its level, paired on the (task, seed) both score at arrival stage >= 2:
+    ``pooled`` holds the tests of the score differences (arm minus ``against``)."""
     arm: str
     against: str
     eval_labels: int
@@ -169,19 +170,28 @@ class Versus:
     pooled: Pooled
 
 
-def versus_first(found: dict[tuple[int, str, str], list[Arrival]], controls: set[str]) -> list[Versus]:
-    """Every arm against the first stage-wise arm (in arm order) of the same level and metric."""
+def compare(found: dict[tuple[int, str, str], list[Arrival]], arm: str, against: str, level: int,
+            metric: str) -> Versus:
+    """``arm`` minus ``against`` on the (task, seed) pairs both score at arrival stage >= 2."""
+    scores = {(x.task, x.seed): x.score for x in found[level, against, metric] if x.stage >= 2}
+    pairs = [Arrival(x.task, x.seed, x.stage, x.score, scores[x.task, x.seed])
+             for x in found[level, arm, metric] if x.stage >= 2 and (x.task, x.seed) in scores]
+    return Versus(arm, against, level, metric, pooled(pairs))
+
+
+def versus_arms(found: dict[tuple[int, str, str], list[Arrival]], controls: set[str]) -> list[Versus]:
+    """Per level and metric: every stage-wise arm and random init against the first stage-wise arm (in arm
+    order), and every stage-wise arm against each control pretrained longer: does the federation add more
+    than the same compute spent on MIM? (arm minus control, so a gain reads the same way as above)."""
     compared = []
-    for (level, against, metric), reference in found.items():
-        first = next((arm for (lv, arm, m) in found if (lv, m) == (level, metric) and arm not in controls), None)
-        if against != first:
-            continue
-        scores = {(x.task, x.seed): x.score for x in reference if x.stage >= 2}
-        for (lv, arm, m), arrived in found.items():
-            if (lv, m) == (level, metric) and arm != first:
-                pairs = [Arrival(x.task, x.seed, x.stage, x.score, scores[x.task, x.seed])
-                         for x in arrived if x.stage >= 2 and (x.task, x.seed) in scores]
-                compared.append(Versus(arm, first, level, metric, pooled(pairs)))
+    for level, metric in dict.fromkeys((lv, m) for lv, _, m in found):
+        arms = [arm for lv, arm, m in found if (lv, m) == (level, metric)]
+        stagewise = [arm for arm in arms if arm not in controls]
+        longer = [arm for arm in arms if arm in controls and arm != RANDOM_INIT]
+        if stagewise:
+            compared += [compare(found, arm, stagewise[0], level, metric) for arm in arms
+                         if arm != stagewise[0] and arm not in longer]
+        compared += [compare(found, arm, control, level, metric) for control in longer for arm in stagewise]
     return compared
 
 
@@ -191,7 +201,7 @@ class Analysis:
     references: dict[Path, Path]  # a control's results.json -> its reference's
     results: list[ArmResult]      # per eval-labels level, arm, metric
     notes: list[str]
-    versus: list[Versus] = dataclasses.field(default_factory=list)  # each arm against the first stage-wise arm
+    versus: list[Versus] = dataclasses.field(default_factory=list)  # arm against arm (``versus_arms``)
 
 
 def config_notes(arms: dict[tuple[int, str], list[ArrivalRun]]) -> list[str]:
@@ -234,7 +244,7 @@ def analyse(runs: list[ArrivalRun], notes: Iterable[str] = ()) -> Analysis:
                          f"{metric} tables (their n count the rest)")
     results = [arm_result(arm_runs, found[level, arm, metric], metric)
                for (level, arm), arm_runs in arms.items() for metric in METRICS]
-    versus = versus_first(found, {arm for (_, arm), arm_runs in arms.items() if arm_runs[0].control})
+    versus = versus_arms(found, {arm for (_, arm), arm_runs in arms.items() if arm_runs[0].control})
     # one family: every gain over the MIM base and every arm-against-arm comparison of the report
     adjusted = stats.holm([r.pooled.wilcoxon_p for r in results] + [v.pooled.wilcoxon_p for v in versus])
     results = [dataclasses.replace(r, pooled=dataclasses.replace(r.pooled, holm_p=p))

@@ -149,9 +149,11 @@ def report_markdown(analysis: Analysis) -> str:
     parts += ["## Arrival gain, arrival stages >= 2 pooled", "", TESTS_NOTE, "", pooled_table(analysis.results), ""]
     if analysis.versus:
         parts += ["## Arm against arm, arrival stages >= 2 pooled", "",
-                  "Each arm's score minus the first stage-wise arm's score of the same (task, seed): the arm's "
-                  "base against that arm's base for the same arriving task. Tests and CI as above; Holm in one "
-                  "family with the table above.", "", versus_table(analysis.versus), ""]
+                  "Each arm's score minus the `against` arm's score of the same (task, seed): the arm's base "
+                  "against that arm's base for the same arriving task. Every arm is compared with the first "
+                  "stage-wise arm, and every stage-wise arm with each control pretrained longer (the federation "
+                  "against the same compute spent on MIM). Tests and CI as above; Holm in one family with the "
+                  "table above.", "", versus_table(analysis.versus), ""]
     sections = list(_sections(analysis))
     for level, metric, results in sections:
         parts += [f"## Arrival gain by arrival stage: {metric}, {level_label(level)}", "",

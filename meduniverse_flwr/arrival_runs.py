@@ -14,6 +14,8 @@ from .results import config_value, read_results
 from .validation import safe_label
 
 RANDOM_INIT = "random init"
+CLIENT_RECIPE = ("client-lr", "client-layer-decay", "client-head-epochs")
+DEFAULTS = declared_defaults()
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,13 @@ CONFIG_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "aggregation": (_is_name, "must be a rule name"),
     "server-mix": (_is_number, "must be a number"),
     "merge-density": (_is_number, "must be a number"),
+    "pretrain-continue-epochs": (_is_int, "must be an integer >= 0"),
+    "distill-weight": (_is_number, "must be a number"),
+    "distill-epochs": (_is_int, "must be an integer >= 0"),
+    "distill-tokens": (_is_name, "must be a token choice"),
+    "client-lr": (_is_number, "must be a number"),
+    "client-layer-decay": (_is_number, "must be a number"),
+    "client-head-epochs": (_is_int, "must be an integer >= 0"),
     "datasets": (lambda v: isinstance(v, str), "must be a comma-separated string"),
     "eval-mode": (_is_name, "must be a protocol name"),
 }
@@ -71,18 +80,29 @@ def _task_cards(cards: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def arm_label(config: dict[str, Any]) -> str:
-    """The arm a run belongs to, from its (checked) config; seeds of one arm share it."""
+    """The arm a run belongs to, from its (checked) config; seeds of one arm share it. A client recipe
+    other than the declared one is part of a stage-wise arm's name (runs of a recipe grid differ in it)."""
+    config = {**DEFAULTS, **config}  # keys newer than the file take their declared defaults
     pretrain = config["pretrain"]
     if config["num-stages"] == 0:
         if pretrain == "none":
             return RANDOM_INIT
         epochs = f", {config['pretrain-epochs']} epochs" if pretrain in ("mae", "simmim") else ""
+        if config["pretrain-continue-epochs"]:
+            epochs += f" + {config['pretrain-continue-epochs']} continued"
         return f"{safe_label(pretrain)} base{epochs} (no stages)"
     label = f"stage-wise: {safe_label(config['aggregation'])}"
     if config["server-mix"] != 1:
         label += f", mix {config['server-mix']:g}"
     if config["aggregation"] == "ties":
         label += f", density {config['merge-density']:g}"
+    if config["aggregation"] == "distill":
+        label += (f", weight {config['distill-weight']:g}, {config['distill-epochs']} epochs, "
+                  f"{safe_label(config['distill-tokens'])} tokens")
+    recipe = {key: config[key] for key in CLIENT_RECIPE}
+    if recipe != {key: DEFAULTS[key] for key in CLIENT_RECIPE}:
+        label += (f"; client lr {recipe['client-lr']:g}, layer decay {recipe['client-layer-decay']:g}, "
+                  f"head epochs {recipe['client-head-epochs']}")
     return label + (", from random init" if pretrain == "none" else "")
 
 
@@ -90,10 +110,9 @@ def read_run(results_path: Path) -> ArrivalRun:
     """A checked results.json with the config fields the arms need (missing keys take their declared
     defaults); ValueError (one line, naming the file) otherwise."""
     payload = read_results(results_path)
-    defaults = declared_defaults()
     config = dict(payload["config"])
     for key, (ok, why) in CONFIG_CHECKS.items():
-        config[key] = config_value(results_path, config, key, defaults.get(key), ok, why)
+        config[key] = config_value(results_path, config, key, DEFAULTS.get(key), ok, why)
     return ArrivalRun(results_path, config, payload["stages"], _task_cards(payload.get("tasks", {})),
                       arm_label(config), config["seed"], config["eval-labels"], config["num-stages"])
 

@@ -80,7 +80,7 @@ def train(message: Message, context: Context) -> Message:
     task = node_task(context, site, sent.image_size)
     if site.has_floor:  # refused (an error reply) before any training if the floor does not allow it
         charge(site, task.card.name, len(task.train), sent.dp, sent.dp_noise_multiplier, sent.dp_secure_noise,
-               sent.batch_size, sent.epochs)
+               sent.batch_size, sent.epochs + sent.head_epochs)
     keeps = sent.node_keeps
     state = kept_state(context, keeps, unpack_torch(_record(message, "arrays", ArrayRecord), sent.transport_dtype))
     backbone, head, metrics = train_on_task(sent.model, sent.image_size, task, state, sent.train_settings(),

@@ -29,7 +29,9 @@ from .aggregation import RULES
 from .schedule import SCHEDULES
 from .transport import TRANSPORT_DTYPES
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+# the source tree's declaration; an installed wheel carries a copy in the package (a site's lean install)
+_TREE = Path(__file__).resolve().parents[1] / "pyproject.toml"
+PYPROJECT = _TREE if _TREE.is_file() else Path(__file__).resolve().parent / "pyproject.toml"
 
 
 class ConfigError(ValueError):
@@ -57,6 +59,9 @@ class RunConfig:
     num_stages: int
     clients_per_stage: int
     local_epochs: int
+    client_lr: float
+    client_layer_decay: float
+    client_head_epochs: int
     model: str
     image_size: int
     data: str
@@ -72,10 +77,17 @@ class RunConfig:
     trim_fraction: float
     server_mix: float
     merge_density: float
+    distill_weight: float
+    distill_epochs: int
+    distill_tokens: str
+    distill_lr: float
     pretrain: str
     pretrain_epochs: int
+    pretrain_seed: int
+    pretrain_continue_epochs: int
     pretrain_corpus: tuple[str, ...]
     eval_mode: str
+    eval_tasks: str
     eval_epochs: int
     eval_labels: int
     probe_epochs: int
@@ -218,6 +230,9 @@ CHECKS: dict[str, Check] = {
     "num-stages": _at_least(0),
     "clients-per-stage": _at_least(1),
     "local-epochs": _at_least(1),
+    "client-lr": _rule(lambda value: value > 0, "must be > 0"),
+    "client-layer-decay": _rule(lambda value: 0.0 < value <= 1.0, "must be in (0, 1] (1.0: no layer-wise lr decay)"),
+    "client-head-epochs": _at_least(0),
     "model": _rule(lambda value: value in registry.MODELS or value.startswith(registry.TIMM_VIT_PREFIX),
                    f"must be one of {tuple(registry.MODELS)} or a timm ViT name ({registry.TIMM_VIT_PREFIX}...)"),
     "image-size": _at_least(8),
@@ -229,9 +244,16 @@ CHECKS: dict[str, Check] = {
     "trim-fraction": _rule(lambda value: 0.0 <= value < 0.5, "must be in [0, 0.5)"),
     "server-mix": _rule(lambda value: 0.0 < value <= 1.0, "must be in (0, 1]"),
     "merge-density": _rule(lambda value: 0.0 < value <= 1.0, "must be in (0, 1] (the share of each task vector kept)"),
+    "distill-weight": _at_least(0),
+    "distill-epochs": _at_least(1),
+    "distill-tokens": _one_of(registry.DISTILL_TOKENS),
+    "distill-lr": _rule(lambda value: value > 0, "must be > 0"),
     "archive-share": _rule(lambda value: 0.0 <= value <= 0.9, "must be in [0, 0.9]"),
     "pretrain-epochs": _at_least(0),
+    "pretrain-seed": _at_least(0),
+    "pretrain-continue-epochs": _at_least(0),
     "eval-mode": _one_of(registry.EVAL_PROTOCOLS),
+    "eval-tasks": _one_of(registry.EVAL_TASKS),
     "eval-epochs": _at_least(1),
     "eval-labels": _at_least(0),
     "probe-epochs": _at_least(1),

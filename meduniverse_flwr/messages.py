@@ -133,10 +133,13 @@ def unpack_torch(record: ArrayRecord, transport_dtype: str) -> dict[str, torch.T
 class Instructions:
     """Everything a node needs for one message besides its data, sent in the message's ``config`` record.
 
-    Keys are the run-config names (and checks) of the same settings, except three a message
+    Keys are the run-config names (and checks) of the same settings, except four a message
     alone carries: ``epochs`` (the local epochs of a train message, or the evaluation protocol's
-    epochs of an evaluate message), and the strategy's facts the node acts on, ``node-keeps`` and
-    ``node-term`` (``registry.StrategyEntry``), followed by the term's own keys.
+    epochs of an evaluate message), ``head-epochs`` (epochs of the fresh head alone before them),
+    and the strategy's facts the node acts on, ``node-keeps`` and ``node-term``
+    (``registry.StrategyEntry``), followed by the term's own keys. A train message carries the
+    arriving client's recipe (``client-lr``, ``client-layer-decay``, ``client-head-epochs``) under
+    ``lr``, ``layer-decay`` and ``head-epochs``; an evaluate message the scoring recipe.
     """
 
     model: str
@@ -144,6 +147,7 @@ class Instructions:
     transport_dtype: str
     device: str
     epochs: int
+    head_epochs: int  # LP-FT: the fresh head alone on the frozen backbone first (0: none)
     lr: float
     weight_decay: float
     batch_size: int
@@ -165,15 +169,27 @@ class Instructions:
     dp_secure_noise: bool
 
     @classmethod
-    def for_run(cls, config: RunConfig, epochs: int) -> "Instructions":
-        """A run's instructions, for messages that train ``epochs`` epochs."""
+    def for_training(cls, config: RunConfig) -> "Instructions":
+        """What a train message asks of a client: the clients' own recipe (``client-*``)."""
+        return cls.for_run(config, config.local_epochs, config.client_lr, config.client_layer_decay,
+                           config.client_head_epochs)
+
+    @classmethod
+    def for_scoring(cls, config: RunConfig) -> "Instructions":
+        """What an evaluate message asks: the scoring recipe (``lr``, ``layer-decay``, ``eval-*``)."""
+        return cls.for_run(config, config.evaluate_epochs, config.lr, config.layer_decay, 0)
+
+    @classmethod
+    def for_run(cls, config: RunConfig, epochs: int, lr: float, layer_decay: float, head_epochs: int) -> "Instructions":
+        """A run's instructions, for messages that train ``epochs`` epochs at ``lr`` with ``layer_decay``
+        after ``head_epochs`` of the head alone."""
         entry = registry.STRATEGIES[config.strategy]
         term_keys = registry.NODE_TERMS[entry.node_term].keys if entry.node_term else ()
         settings = config.to_run_config()
         return cls(model=config.model, image_size=config.image_size, transport_dtype=config.transport_dtype,
-                   device=config.device, epochs=epochs, lr=config.lr, weight_decay=config.weight_decay,
-                   batch_size=config.batch_size, seed=config.seed, eval_mode=config.eval_mode,
-                   layer_decay=config.layer_decay, augment=config.augment, input_norm=config.input_norm,
+                   device=config.device, epochs=epochs, head_epochs=head_epochs, lr=lr,
+                   weight_decay=config.weight_decay, batch_size=config.batch_size, seed=config.seed,
+                   eval_mode=config.eval_mode, layer_decay=layer_decay, augment=config.augment, input_norm=config.input_norm,
                    eval_split=config.eval_split, eval_labels=config.eval_labels,
                    node_metrics=config.node_metrics, compile=config.compile, node_keeps=entry.node_keeps,
                    node_term=entry.node_term, term_settings=tuple((key, settings[key]) for key in term_keys),
@@ -188,12 +204,15 @@ class Instructions:
     @classmethod
     def from_record(cls, record: Mapping[str, object]) -> "Instructions":
         """Read and check a message's ``config`` record; ConfigError (one line) names a bad key."""
-        own = ("epochs", "node-keeps", "node-term", "term-settings")
+        own = ("epochs", "head-epochs", "node-keeps", "node-term", "term-settings")
         values = read_keys(record, [f.name.replace("_", "-") for f in dataclasses.fields(cls)
                                     if f.name.replace("_", "-") not in own])
         epochs = record.get("epochs")
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ConfigError(f"message config: 'epochs' = {epochs!r}: must be an integer >= 1")
+        head_epochs = record.get("head-epochs")
+        if isinstance(head_epochs, bool) or not isinstance(head_epochs, int) or head_epochs < 0:
+            raise ConfigError(f"message config: 'head-epochs' = {head_epochs!r}: must be an integer >= 0")
         node_keeps, node_term = record.get("node-keeps"), record.get("node-term")
         if node_keeps not in registry.NODE_KEEPS:
             raise ConfigError(f"message config: 'node-keeps' = {node_keeps!r}: must be one of {registry.NODE_KEEPS}")
@@ -202,7 +221,7 @@ class Instructions:
                               f"{tuple(registry.NODE_TERMS)}")
         term_keys = registry.NODE_TERMS[node_term].keys if node_term else ()
         term = read_keys(record, term_keys)
-        return cls(epochs=epochs, node_keeps=node_keeps, node_term=node_term,
+        return cls(epochs=epochs, head_epochs=head_epochs, node_keeps=node_keeps, node_term=node_term,
                    term_settings=tuple((key, term[key.replace("-", "_")]) for key in term_keys), **values)
 
     def train_settings(self) -> TrainSettings:
@@ -212,4 +231,5 @@ class Instructions:
         return TrainSettings(self.epochs, self.lr, self.weight_decay, self.batch_size, self.seed,
                              resolve_device(self.device), self.compile, self.layer_decay, self.eval_split, dp_sgd,
                              self.eval_labels, self.node_term, self.term_settings,
-                             augment=augmentation_for(self.augment, self.image_size), input_norm=self.input_norm)
+                             augment=augmentation_for(self.augment, self.image_size), input_norm=self.input_norm,
+                             head_epochs=self.head_epochs)

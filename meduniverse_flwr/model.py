@@ -9,12 +9,13 @@ part the server aggregates, checkpoints, and that loads strictly into
 from __future__ import annotations
 
 import functools
+import json
 import math
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models.vision_transformer import VisionTransformer
 
@@ -107,9 +108,21 @@ def merge_state(backbone: dict[str, torch.Tensor], head: dict[str, torch.Tensor]
 
 
 def save_backbone(path: Path, backbone: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    """Write a backbone as safetensors, atomically."""
+    """Write a backbone as safetensors, atomically; the same tensors and metadata give the same bytes."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in backbone.items()}
-    write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    write_atomic(path, lambda tmp: Path(tmp).write_bytes(same_bytes(save(tensors, metadata=metadata))))
+
+
+def same_bytes(raw: bytes) -> bytes:
+    """A safetensors file with its metadata in key order: the library writes the metadata map in a
+    random order per process, so equal checkpoints (the shared stage-0 base) would differ in bytes."""
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    if "__metadata__" not in header:
+        return raw
+    header = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    return raw[:8] + text + b" " * (size - len(text)) + raw[8 + size:]  # the same characters, reordered
 
 
 def load_backbone(path: Path, model: torch.nn.Module) -> None:

@@ -30,6 +30,7 @@ class StageOutcome:
     bytes_up: int = 0
     bytes_down: int = 0
     per_task: dict[str, dict] = field(default_factory=dict)
+    server_seconds: float = 0.0  # the server's own training of the next base (a curation rule), in the stage's time
     # differential privacy (dp != off): the run's cumulative (epsilon, delta) after this stage, and what
     # this stage spent ({party, noise_multiplier, sample_rate, steps} each), replayed on resume
     epsilon: float | None = None

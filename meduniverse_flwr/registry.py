@@ -43,6 +43,11 @@ INPUT_NORMS = {"symmetric": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
 EVAL_SPLITS = ("test", "val")  # what the evaluation protocols score on (val: for choosing settings)
 ON_EXCESS = ("reject", "clip")  # an update above max-update-ratio x the base's norm (validation.py)
 NODE_KEEPS = ("nothing", "head", "model")  # what a node keeps between its messages (travels in each)
+# ``schedule = arrival``: after a stage, score only the tasks arriving next (what the arrival gain needs)
+# or every task still to come (the unseen-tasks view); stage 0 scores every task either way
+EVAL_TASKS = ("arriving", "unseen")
+# ``aggregation = distill``: which of each teacher's tokens the student matches (class token, patch mean, all)
+DISTILL_TOKENS = ("cls", "mean", "all")
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,10 @@ PARTITIONS: dict[str, str] = {"iid": f"{PACKAGE}.data:iid_partition", "dirichlet
 # Server-side masked image modelling (``pretrain``): (encoder, PretrainSettings) -> the MIM model around it.
 PRETRAIN_METHODS: dict[str, str] = {"mae": f"{PACKAGE}.pretrain.models:build_mae",
                                     "simmim": f"{PACKAGE}.pretrain.models:build_simmim"}
+
+# Curation rules (an ``aggregation`` that trains the next base on the server's unlabelled corpus from the
+# stage's backbones, instead of combining them): (RunConfig, MIM decoder state or None) -> a Curator.
+CURATION_RULES: dict[str, str] = {"distill": f"{PACKAGE}.pretrain.distill:Distiller"}
 
 # Experiment trackers (``tracker``): (run dir, run config, run name) -> a Tracker.
 TRACKERS: dict[str, str] = {"none": f"{PACKAGE}.tracking:no_tracker",

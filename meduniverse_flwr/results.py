@@ -8,6 +8,7 @@ Layout under ``<output-dir>/<run-name>/`` (``<output-dir>/latest`` points at the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -48,7 +49,8 @@ def stage_entry(stage: int, outcome: StageOutcome, seconds: float) -> dict[str, 
         entry["missing_tasks"] = missing
     entry.update({"train_loss": outcome.train_loss, "rejected": outcome.rejected,
                   "nodes": [dataclasses.asdict(report) for report in outcome.nodes],
-                  "bytes_up": outcome.bytes_up, "bytes_down": outcome.bytes_down, "seconds": round(seconds, 3)})
+                  "bytes_up": outcome.bytes_up, "bytes_down": outcome.bytes_down, "seconds": round(seconds, 3),
+                  "server_seconds": outcome.server_seconds})
     if outcome.epsilon is not None:
         entry.update({"epsilon": outcome.epsilon, "delta": outcome.delta, "privacy_events": outcome.privacy_events})
     return entry
@@ -84,6 +86,7 @@ class RunOutputs:
         self.config = config
         self.stages = stages
         self.tasks: dict[str, dict[str, Any]] = {}  # each task's card facts (modality, classes, ...), for reports
+        self.base: dict[str, str] = {}  # the stage-0 base: what it is and its checkpoint's sha256
 
     @classmethod
     def create(cls, output_dir: Path, run_name: str, config: dict[str, Any]) -> "RunOutputs":
@@ -107,6 +110,7 @@ class RunOutputs:
             raise ValueError(f"resume-from: {path} was made with other settings: "
                              + ", ".join(f"{k} {old_config.get(k)!r} -> {config[k]!r}" for k in changed))
         outputs = cls(path.parent, config, stages)
+        outputs.base = dict(previous.get("base", {}))
         if not outputs.checkpoint_path(stages[-1]["stage"]).is_file():
             raise ValueError(f"resume-from: {outputs.checkpoint_path(stages[-1]['stage'])} is missing")
         return outputs
@@ -118,17 +122,30 @@ class RunOutputs:
     def checkpoint_path(self, stage: int) -> Path:
         return self.dir / "checkpoints" / f"stage-{stage}.safetensors"
 
+    def decoder_path(self, stage: int) -> Path:
+        """The server's MAE decoder after ``stage`` (a curation rule's; never sent to a node)."""
+        return self.dir / "checkpoints" / f"stage-{stage}.decoder.safetensors"
+
     def add_stage(self, entry: dict[str, Any]) -> None:
         self.stages.append(entry)
-        write_json_atomic(self.results_path, {"config": self.config, "tasks": self.tasks, "stages": self.stages,
-                                              "summary": summarize(self.stages)})
+        write_json_atomic(self.results_path, {"config": self.config, "base": self.base, "tasks": self.tasks,
+                                              "stages": self.stages, "summary": summarize(self.stages)})
 
-    def save_checkpoint(self, stage: int, backbone: dict[str, torch.Tensor]) -> Path:
+    def save_checkpoint(self, stage: int, backbone: dict[str, torch.Tensor],
+                        decoder: dict[str, torch.Tensor] | None = None) -> Path:
+        """The base after ``stage`` (and the server's decoder beside it, written first)."""
         metadata = {"model": str(self.config["model"]), "image-size": str(self.config["image-size"]),
                     "stage": str(stage), "format": "timm VisionTransformer state dict, num_classes=0"}
+        if decoder is not None:
+            save_backbone(self.decoder_path(stage), decoder, {"model": str(self.config["model"])})
         path = self.checkpoint_path(stage)
         save_backbone(path, backbone, metadata)
         return path
+
+    def describe_base(self, source: str) -> None:
+        """Name the stage-0 base in results.json, with its checkpoint's sha256: runs that share a base
+        show the same hash."""
+        self.base = {"from": source, "sha256": hashlib.sha256(self.checkpoint_path(0).read_bytes()).hexdigest()}
 
     def mark_latest(self) -> None:
         """Point ``<output-dir>/latest`` at this run, atomically; called when the run completes, so a

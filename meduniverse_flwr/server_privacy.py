@@ -55,7 +55,8 @@ class ExamplePrivacy(NoPrivacy):
         return f"{c.dp} level, clip {c.dp_clip_norm:g}, noise multiplier {c.dp_noise_multiplier:g}, delta {c.dp_delta:g}"
 
     def released(self, asked: Iterable[TaskCard]) -> list[dict]:
-        return [self._event(card.name, *example_steps(card.n_train, self.config.batch_size, self.config.local_epochs))
+        epochs = self.config.local_epochs + self.config.client_head_epochs  # LP-FT's head epochs see the data too
+        return [self._event(card.name, *example_steps(card.n_train, self.config.batch_size, epochs))
                 for card in asked]
 
     def _event(self, party: str, sample_rate: float, steps: int) -> dict:

@@ -71,8 +71,8 @@ class StageWise(Strategy):
         self.timeout = config.stage_timeout
         self.max_update_ratio = config.max_update_ratio
         self.privacy = server_privacy(config)
-        self.train_instructions = Instructions.for_run(config, config.local_epochs)
-        self.evaluate_instructions = Instructions.for_run(config, config.evaluate_epochs)
+        self.train_instructions = Instructions.for_training(config)
+        self.evaluate_instructions = Instructions.for_scoring(config)
         self.cards: dict[int, TaskCard] = {}
         self.outcome = StageOutcome()
         self._base: dict[str, np.ndarray] = {}
@@ -82,6 +82,7 @@ class StageWise(Strategy):
         self._stage, self._stage_started = 0, time.monotonic()
         self._loss_sum = 0.0
         self._running: Aggregate = self.new_aggregate()
+        self.curator = None  # a curation rule's (registry.CURATION_RULES): it trains the next base instead
 
     def summary(self) -> None:
         c = self.config
@@ -149,8 +150,17 @@ class StageWise(Strategy):
         return self.privacy.wrap(aggregate, self._base, self._target(), self._stage)
 
     def next_base(self) -> dict[str, np.ndarray]:
-        """The base the stage's valid updates make."""
-        return mix(self._base, self._running.result(), self.config.server_mix)
+        """The base the stage's valid updates make: mixed from their aggregate, or trained from them on the
+        server's corpus by a curator (its compute counted in the stage's ``server_seconds``)."""
+        if self.curator is None:
+            return mix(self._base, self._running.result(), self.config.server_mix)
+        curated = self.curator.next_base(self._base, self._running.updates, self._stage)
+        self.outcome.server_seconds = round(self.curator.seconds, 3)
+        return mix(self._base, curated, self.config.server_mix)
+
+    def server_state(self) -> dict | None:
+        """What the server keeps beside each base and never sends (a curator's MAE decoder), or None."""
+        return None if self.curator is None else self.curator.decoder
 
     # ------------------------------------------------------------------ train
     def configure_train(
@@ -264,10 +274,18 @@ class StageWise(Strategy):
         return messages
 
     def evaluation_nodes(self, server_round: int) -> list[int]:
-        """The nodes that score the base after ``server_round``."""
-        trained = (trained_by(self.arrival_order(), self.clients_per_stage, server_round)
-                   if self.config.schedule == "arrival" else set())
-        return [node for node in sorted(self.cards) if self.cards[node].name not in trained]
+        """The nodes that score the base after ``server_round``: every node, or with the arrival schedule
+        the tasks still to come (``eval-tasks = unseen``) or only the next stage's arrivals (``arriving``:
+        what the arrival gain needs), and the held-out tasks; stage 0 (the MIM base) is scored by all."""
+        if self.config.schedule != "arrival":
+            return sorted(self.cards)
+        order = self.arrival_order()
+        skipped = trained_by(order, self.clients_per_stage, server_round)
+        if self.config.eval_tasks == "arriving" and server_round > 0:
+            arriving = arrivals(order, self.clients_per_stage, server_round + 1) \
+                if server_round < self.config.num_stages else []  # after the last stage nobody arrives
+            skipped |= set(order) - set(arriving)
+        return [node for node in sorted(self.cards) if self.cards[node].name not in skipped]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Per-task scores (example-weighted over nodes sharing a task) into ``self.outcome.per_task``."""

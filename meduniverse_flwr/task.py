@@ -26,6 +26,9 @@ from .privacy import DPSGD, make_private, noise_only_step, poisson_batches
 from .registry import EVAL_PROTOCOLS, EVAL_SPLITS, INPUT_NORMS
 
 PROBE_LR = 1e-2  # a linear probe on standardised features tolerates a large step
+# LP-FT's first phase (Kumar et al., ICLR 2022): the fresh head alone, at the scoring recipe's chosen lr
+# (arrival-val), so that the whole model then starts from a head that fits the features it was sent
+HEAD_LR = 1e-3
 WARMUP_FRACTION = 0.05
 
 
@@ -46,6 +49,7 @@ class TrainSettings:
     term_settings: tuple[tuple[str, float], ...] = ()  # its run-config keys and values
     augment: str = "flip"  # the training recipe (augment.py), resolved for the image size
     input_norm: str = "symmetric"  # registry.INPUT_NORMS: how uint8 images become inputs
+    head_epochs: int = 0  # a client's LP-FT: epochs of the fresh head alone on the frozen backbone first
 
 
 def resolve_device(name: str) -> torch.device:
@@ -268,6 +272,8 @@ def train_on_task(
     torch.manual_seed(settings.seed)
     model = create_model(model_name, image_size, num_classes=task.card.n_classes)
     model.load_state_dict(state, strict=True)
+    if settings.head_epochs:
+        fit_head(model, task.train, task.card.label_kind, settings)
     term = node_term(model, settings)
     loss = fit(model, task.train, task.card.label_kind, settings, term=term)
     metrics = {"num-examples": len(task.train)} | ({} if settings.dp_sgd else {"train-loss": loss})
@@ -277,6 +283,21 @@ def train_on_task(
         metrics.update({"val-accuracy": val["accuracy"], "val-auc": val["auc"]})
     backbone, head = split_state({k: v.detach().cpu() for k, v in model.state_dict().items()})
     return backbone, head, {**metrics, "seconds": time.perf_counter() - started}
+
+
+def fit_head(model: nn.Module, data: TaskData, label_kind: str, settings: TrainSettings) -> None:
+    """LP-FT's first phase: ``settings.head_epochs`` epochs of the head alone (backbone frozen, at
+    ``HEAD_LR``, no layer decay), with DP-SGD when the fine-tuning has it (the head sees the data too)."""
+    head = set(model.get_classifier().parameters())
+    frozen = [p for p in model.parameters() if p not in head and p.requires_grad]
+    for param in frozen:
+        param.requires_grad_(False)
+    try:
+        fit(model, data, label_kind, dataclasses.replace(settings, epochs=settings.head_epochs, lr=HEAD_LR,
+                                                         layer_decay=1.0, seed=settings.seed + 1))
+    finally:
+        for param in frozen:
+            param.requires_grad_(True)
 
 
 def node_term(model: nn.Module, settings: TrainSettings) -> Term | None:

@@ -109,7 +109,8 @@ def _config(run_config, **overrides) -> dict:
 
 
 def test_arrival_runs_train_each_task_once_and_score_the_tasks_still_to_come(run_config, tiny_sites):
-    config = _config(run_config, pretrain="none", node_metrics=False, num_stages=2, datasets=",".join(tiny_sites))
+    config = _config(run_config, pretrain="none", node_metrics=False, num_stages=2, datasets=",".join(tiny_sites),
+                     eval_tasks="unseen")
     grid = InProcessGrid(client_app, config, num_nodes=3)
     server_app.main(grid, Context(run_id=3, node_id=0, node_config={}, state=RecordDict(), run_config=config))
     with open(f"{config['output-dir']}/latest/results.json") as handle:

@@ -192,23 +192,24 @@ def test_pooled_gain_tests_match_scipy_and_holm_runs_across_the_report(written):
                     * np.std(gains, ddof=1) / np.sqrt(len(gains)))
                 assert pooled["pairs_needed"] == stats.pairs_needed(np.std(gains, ddof=1), 2.0)
     primary = [r["pooled"]["wilcoxon_p"] for r in numbers["results"] + numbers["versus"]]
-    assert len(primary) == 4 * 2 * 2 + 3 * 2 * 2
+    assert len(primary) == 4 * 2 * 2 + 4 * 2 * 2
     adjusted = [r["pooled"]["holm_p"] for r in numbers["results"] + numbers["versus"]]
     assert adjusted == pytest.approx(stats.holm(primary))  # one family: gains and arm against arm
     assert numbers["results"][0]["pooled"]["holm_p"] > numbers["results"][0]["pooled"]["wilcoxon_p"]
 
 
-def test_each_arm_is_compared_with_the_first_stage_wise_arm_on_the_same_pairs(written):
+def test_arms_are_compared_with_the_first_stage_wise_arm_and_the_longer_pretrained_one(written):
     out, numbers = written
-    versus = {(v["arm"], v["eval_labels"], v["metric"]): v for v in numbers["versus"]}
-    assert {v["against"] for v in versus.values()} == {ARMS["mean"]}
-    for arm in ("ties", "mae20", "random"):
+    versus = {(v["arm"], v["against"], v["eval_labels"], v["metric"]): v for v in numbers["versus"]}
+    pairs = [("ties", "mean"), ("random", "mean"), ("mean", "mae20"), ("ties", "mae20")]
+    assert {(arm, against) for arm, against, *_ in versus} == {(ARMS[a], ARMS[b]) for a, b in pairs}
+    for arm, against in pairs:
         for level in LEVELS:
             for metric in ("accuracy", "auc"):
                 mine = {(t, seed): g for t, seed, _, g in expected(arm, level, metric, stages=(2, 3))}
-                first = {(t, seed): g for t, seed, _, g in expected("mean", level, metric, stages=(2, 3))}
+                first = {(t, seed): g for t, seed, _, g in expected(against, level, metric, stages=(2, 3))}
                 differences = [mine[key] - first[key] for key in sorted(mine) if key in first]
-                pooled = versus[ARMS[arm], level, metric]["pooled"]
+                pooled = versus[ARMS[arm], ARMS[against], level, metric]["pooled"]
                 assert pooled["n_pairs"] == len(differences) > 0
                 assert pooled["mean"] == pytest.approx(np.mean(differences))
                 assert pooled["wilcoxon_p"] == pytest.approx(scipy_stats.wilcoxon(differences).pvalue)

@@ -48,12 +48,12 @@ def test_the_term_is_half_mu_times_the_squared_distance_of_the_backbone_from_wha
 
 def test_the_strategy_sends_its_term_and_mu_and_a_node_reads_them_back():
     config = RunConfig.from_run_config({**default_run_config(), "strategy": "fedprox", "proximal-mu": 0.25})
-    sent = Instructions.for_run(config, epochs=1)
+    sent = Instructions.for_training(config)
     assert sent.node_term == "proximal" and sent.term_settings == (("proximal-mu", 0.25),)
     record = sent.to_record()
     assert record["node-term"] == "proximal" and record["proximal-mu"] == 0.25
     assert Instructions.from_record(record) == sent
-    plain = Instructions.for_run(RunConfig.from_run_config(default_run_config()), epochs=1)
+    plain = Instructions.for_training(RunConfig.from_run_config(default_run_config()))
     assert plain.node_term == "" and "proximal-mu" not in plain.to_record()
 
 

@@ -74,7 +74,8 @@ TARGETS = [*(entry.target for entry in registry.STRATEGIES.values()),
            *(term.target for term in registry.NODE_TERMS.values()),
            *(protocol.target for protocol in registry.EVAL_PROTOCOLS.values()),
            *(target for source in registry.SOURCES.values() for target in (source.loader, source.paths)),
-           *registry.PARTITIONS.values(), *registry.PRETRAIN_METHODS.values(), *registry.TRACKERS.values()]
+           *registry.PARTITIONS.values(), *registry.PRETRAIN_METHODS.values(), *registry.TRACKERS.values(),
+           *registry.CURATION_RULES.values()]
 
 
 @pytest.mark.parametrize("target", TARGETS)

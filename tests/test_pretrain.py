@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from meduniverse_flwr.config import RunConfig
 from meduniverse_flwr.model import create_backbone, save_backbone
 from meduniverse_flwr.pretrain import MAE, PretrainSettings, patchify, pretrain, random_masking, unpatchify
-from meduniverse_flwr.server_app import initial_base
+from meduniverse_flwr.pretrain.base import initial_base
 
 
 def test_masking_is_seeded_exact_and_consistent():
@@ -94,7 +94,7 @@ def test_server_base_from_a_checkpoint_and_clear_errors(tmp_path, run_config):
     good = create_backbone("vit-micro", 28).state_dict()
     path = tmp_path / "encoder.safetensors"
     save_backbone(path, good, {})
-    base = initial_base(RunConfig.from_run_config(run_config(pretrain=str(path))))
+    base = initial_base(RunConfig.from_run_config(run_config(pretrain=str(path)))).backbone
     assert all(torch.equal(base[k], good[k]) for k in good)
 
     wrong = tmp_path / "tiny.safetensors"

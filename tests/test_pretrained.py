@@ -18,6 +18,7 @@ from meduniverse_flwr.augment import augmentation_for, augmented, random_resized
 from meduniverse_flwr.client_app import app as client_app
 from meduniverse_flwr.config import ConfigError, RunConfig
 from meduniverse_flwr.model import create_backbone, embed_dim, fit_checkpoint, load_pretrained
+from meduniverse_flwr.pretrain.base import initial_base
 from meduniverse_flwr.registry import INPUT_NORMS
 from meduniverse_flwr.task import to_input
 
@@ -117,7 +118,7 @@ def test_input_norms_scale_per_channel_and_the_default_is_the_old_one():
 def test_a_timm_architecture_name_is_a_model_at_the_federations_sizes(tmp_path):
     path = timm_backbone(tmp_path)
     config = RunConfig.with_defaults(model="vit_tiny_patch16_224", image_size=28, pretrain=str(path))
-    base = server_app.initial_base(config)
+    base = initial_base(config).backbone
     fitted, _ = fit_checkpoint(load_file(str(path)), create_backbone("vit_tiny_patch16_224", 28))
     assert base.keys() == fitted.keys() and all(torch.equal(base[k], fitted[k]) for k in fitted)
     assert base["patch_embed.proj.weight"].shape == (192, 3, 4, 4) and embed_dim("vit_tiny_patch16_224") == 192

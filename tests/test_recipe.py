@@ -138,13 +138,14 @@ def test_eval_split_val_scores_on_val_and_never_reads_test(mode):
 
 # ----------------------------------------------------------------------------------- the keys
 def test_the_new_keys_travel_to_the_nodes():
-    config = RunConfig.with_defaults(layer_decay=0.65, eval_split="val")
+    """Scoring gets ``layer-decay``, training the clients' own ``client-layer-decay``; both the split."""
+    config = RunConfig.with_defaults(layer_decay=0.65, client_layer_decay=0.75, eval_split="val")
     strategy = StageWise(config)
-    for sent in (strategy.train_instructions, strategy.evaluate_instructions):
+    for sent, decay in ((strategy.train_instructions, 0.75), (strategy.evaluate_instructions, 0.65)):
         record = sent.to_record()
-        assert record["layer-decay"] == 0.65 and record["eval-split"] == "val"
+        assert record["layer-decay"] == decay and record["eval-split"] == "val"
         settings = Instructions.from_record(record).train_settings()
-        assert settings.layer_decay == 0.65 and settings.eval_split == "val"
+        assert settings.layer_decay == decay and settings.eval_split == "val"
     defaults = RunConfig.with_defaults()
     assert (defaults.layer_decay, defaults.eval_split) == (1.0, "test")
 

@@ -113,11 +113,15 @@ EXPECTED_AGGREGATE = {
     "weighted": lambda u, n, base: np.tensordot(n / n.sum(), u, axes=1),
     "median": lambda u, n, base: np.median(u, axis=0),
     "trimmed-mean": lambda u, n, base: trim_mean(u, default_run_config()["trim-fraction"], axis=0),
-    "ties": lambda u, n, base: base + aggregation.ties_merge(u - base, default_run_config()["merge-density"]),
+    # task vectors in the updates' float32, as sent: which coordinate passes the magnitude threshold must not
+    # hinge on a float64 rounding of the difference
+    "ties": lambda u, n, base: base + aggregation.ties_merge(
+        (u.astype(np.float32) - base.astype(np.float32)).astype(np.float64), default_run_config()["merge-density"]),
 }
 
 
-@pytest.mark.parametrize("name", aggregation.RULES)
+# a curation rule trains the next base instead of combining the updates: tests/test_curation.py
+@pytest.mark.parametrize("name", [rule for rule in aggregation.RULES if rule not in registry.CURATION_RULES])
 def test_every_aggregation_rule_runs(name, run_config, sites, tmp_path, monkeypatch):
     # record the updates the registered rule is given, then check the stage-1 base is that rule's
     # result on them: three nodes (two share a dataset, so example counts differ) so that

@@ -31,6 +31,7 @@ from .state import load_state, save_state
 
 logger = logging.getLogger("flwr")
 DEFAULT_MASK_RATIO = {"mae": 0.75, "simmim": 0.6}
+DECODER_FILE = "decoder.safetensors"  # MAE's decoder, which a curation rule continues (never sent to a node)
 
 
 @dataclass(frozen=True)
@@ -140,6 +141,9 @@ def pretrain(
     save_backbone(encoder_path, mim.encoder.state_dict(),
                   {"model": model_name, "image-size": str(image_size), "pretrain": settings.method,
                    "epochs": str(settings.epochs), "mask-ratio": str(ratio)})
+    if settings.method == "mae":
+        decoder = {k: v for k, v in mim.state_dict().items() if not k.startswith("encoder.")}
+        save_backbone(out_dir / DECODER_FILE, decoder, {"model": model_name, "image-size": str(image_size)})
     write_json_atomic(out_dir / "log.json", {**key, "losses": losses, "images_per_second": speeds})
     spread = torch.linspace(0, len(images) - 1, 6).long()  # across the corpus, not one dataset
     save_reconstruction_figure(mim, images[spread], ratio, settings.seed, out_dir / "reconstruction.png",
