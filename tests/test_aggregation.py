@@ -115,7 +115,7 @@ def test_bad_weight_and_rule_are_rejected():
 
 
 def test_streaming_rules_map_a_rule_to_its_weight():
-    assert sorted(RULES) == ["mean", "median", "ties", "trimmed-mean", "weighted"]
+    assert sorted(RULES) == ["distill", "mean", "median", "ties", "trimmed-mean", "weighted"]
     assert update_weight("mean", 30) == 1.0 and update_weight("weighted", 30) == 30.0
     with pytest.raises(ValueError, match=re.escape("choose one of ('mean', 'weighted')")):
         update_weight("median", 1)
@@ -123,6 +123,11 @@ def test_streaming_rules_map_a_rule_to_its_weight():
         new_aggregate("median-ish")
     with pytest.raises(ValueError, match="needs the stage's base"):
         new_aggregate("ties")
+    teachers = new_aggregate("distill")  # keeps the backbones for its curator, combines nothing
+    teachers.add({"w": np.ones(2, np.float32)}, 3)
+    assert teachers.count == 1 and np.array_equal(teachers.updates[0]["w"], np.ones(2))
+    with pytest.raises(ValueError, match="its curator trains one"):
+        teachers.result()
 
 
 def test_median_and_trimmed_mean_against_hand_computed_values():

@@ -73,3 +73,24 @@ def test_local_baseline_keeps_each_node_model_across_messages(superlink, tiny_si
               for s in stages]
     # the same base, scored with the same seed, would repeat
     assert scores[0] != scores[1] and scores[1] != scores[2] and scores[0] != scores[2]
+
+
+def test_distill_curates_on_the_servers_corpus_under_flwr_run(superlink, tiny_sites):
+    """The curation rule through the real runtime: each stage's base is trained on the server (its
+    seconds recorded), the MAE decoder written beside the checkpoint and never sent."""
+    env, cwd = superlink
+    run_id, output = flwr_run(
+        env,
+        f"aggregation='distill' distill-epochs=1 num-stages=1 local-epochs=1 probe-epochs=2 pretrain-epochs=1 "
+        f"clients-per-stage=2 datasets='{','.join(tiny_sites[:2])}' data-root='{cwd / 'cache'}' output-dir='outputs'",
+        "num-supernodes=2 client-resources-num-cpus=1",
+    )
+    assert run_status(env, run_id) == "finished:completed", output[-3000:]
+    run_dir = cwd / "outputs" / "latest"
+    stages = json.loads((run_dir / "results.json").read_text())["stages"]
+    assert len(stages[1]["participants"]) == 2 and stages[1]["server_seconds"] > 0
+    decoder = load_file(run_dir / "checkpoints" / "stage-1.decoder.safetensors")
+    base = load_file(run_dir / "checkpoints" / "stage-1.safetensors")
+    assert decoder and not set(decoder) & set(base)
+    before = load_file(run_dir / "checkpoints" / "stage-0.safetensors")
+    assert any(not torch.equal(before[k], base[k]) for k in base)

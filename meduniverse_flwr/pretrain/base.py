@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import registry
+from ..config import RunConfig
 from ..data import cache_root, options_from
 from ..data.corpus import load_corpus
 from ..model import create_backbone, load_backbone, load_pretrained, save_backbone
@@ -36,14 +37,14 @@ class ServerBase:
     source: str  # what it is, for results.json and the log
 
 
-def server_corpus(config) -> torch.Tensor:
+def server_corpus(config: RunConfig) -> torch.Tensor:
     """The server's unlabelled images: ``pretrain-corpus`` (or the training datasets' train and val
     splits); held-out domains stay unseen and no test split is read."""
     return load_corpus(config.pretrain_corpus or config.training_datasets,
                        options_from(vars(config), config.image_size), archived=config.training_datasets)
 
 
-def content_key(config, settings: object, corpus: torch.Tensor) -> str:
+def content_key(config: RunConfig, settings: object, corpus: torch.Tensor) -> str:
     """A hash of what determines a base: the corpus's bytes, the model and the settings."""
     digest = hashlib.sha256(corpus.numpy().tobytes())
     digest.update(json.dumps({"model": config.model, "image-size": config.image_size,
@@ -51,7 +52,7 @@ def content_key(config, settings: object, corpus: torch.Tensor) -> str:
     return digest.hexdigest()[:16]
 
 
-def initial_base(config, corpus: torch.Tensor | None = None) -> ServerBase:
+def initial_base(config: RunConfig, corpus: torch.Tensor | None = None) -> ServerBase:
     """The stage-0 base: MIM-pretrained on the server (``mae`` / ``simmim``, then continued by
     ``pretrain-continue-epochs``), loaded from a checkpoint (a path), or a random initialisation
     (``none``), each seeded by ``pretrain-seed``."""
@@ -83,7 +84,7 @@ def initial_base(config, corpus: torch.Tensor | None = None) -> ServerBase:
     return continued(config, backbone, decoder, corpus, out_dir, source)
 
 
-def continued(config, backbone: dict[str, torch.Tensor], decoder: dict[str, torch.Tensor] | None,
+def continued(config: RunConfig, backbone: dict[str, torch.Tensor], decoder: dict[str, torch.Tensor] | None,
               corpus: torch.Tensor, out_dir: Path, source: str) -> ServerBase:
     """The base continued by ``pretrain-continue-epochs`` of MAE alone at ``distill-lr``: the steps a
     curation rule's weight-0 control takes, all spent before stage 1 (cached beside the base)."""
@@ -102,7 +103,7 @@ def continued(config, backbone: dict[str, torch.Tensor], decoder: dict[str, torc
                       read_decoder(path.with_suffix(".decoder.safetensors"), config.model, config.image_size), source)
 
 
-def checkpoint_backbone(config, path: Path) -> dict[str, torch.Tensor]:
+def checkpoint_backbone(config: RunConfig, path: Path) -> dict[str, torch.Tensor]:
     """A backbone checkpoint, checked strictly against the run's model (one-line error if it does not fit)."""
     backbone = create_backbone(config.model, config.image_size)
     load_backbone(path, backbone)

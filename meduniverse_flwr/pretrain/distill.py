@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import RunConfig
 from ..model import create_backbone, read_tensors
 from ..seeds import derive_seed
 from ..task import autocast, cosine_with_warmup, resolve_device, to_input
@@ -151,7 +152,7 @@ class Distiller:
     """The ``distill`` rule's curator: keeps the MAE decoder and the corpus on the server, and trains
     each stage's next base from the current one and the stage's backbones."""
 
-    def __init__(self, config, corpus: torch.Tensor, decoder: dict[str, torch.Tensor] | None) -> None:
+    def __init__(self, config: RunConfig, corpus: torch.Tensor, decoder: dict[str, torch.Tensor] | None) -> None:
         self.config, self.corpus, self.decoder = config, corpus, decoder
         self.seconds = 0.0  # server compute of the last stage, counted in its results
 
