@@ -95,11 +95,21 @@ def job_name(overrides: list[str]) -> str:
     return "_".join(o.replace("=", "-").replace("/", "-").replace(",", "-") for o in overrides)
 
 
-def finished(results_path: Path) -> bool:
-    """The job's results.json holds every stage it asked for."""
+# keys a job's run may differ in from its composed config without being another job
+JOB_ONLY = ("output-dir", "resume-from", "device", "stage-timeout")
+
+
+def finished(results_path: Path, run_config: dict | None = None) -> bool:
+    """The job's results.json holds every stage it asked for; with ``run_config``, ValueError if it
+    was made with other settings (a preset changed since: its folder must not pass for this job's)."""
     if not results_path.is_file():
         return False
     results = read_results(results_path)
+    if run_config is not None:
+        other = sorted(k for k in run_config if k not in JOB_ONLY and results["config"].get(k) != run_config[k])
+        if other:
+            raise ValueError(f"{results_path} was made with other settings ({', '.join(other[:3])}): "
+                             "move it away or use another --out")
     return len(results["stages"]) == results["config"]["num-stages"] + 1
 
 
@@ -109,11 +119,16 @@ def last_run(job_dir: Path) -> Path | None:
     return runs[-1] if runs else None
 
 
-def run_job(preset: str, overrides: list[str], job_dir: Path, memo: Path) -> float:
-    """One job, resumed after its last completed stage if it stopped part-way; returns its seconds."""
+def composed(preset: str, overrides: list[str], job_dir: Path):
+    """The job's Hydra config and its run config."""
     with initialize_config_dir(config_dir=str(CONF), version_base=None):
         cfg = compose("config", overrides=[f"+experiment={preset}", *overrides])
-    run_config = to_run_config(cfg, output_dir=str(job_dir / "runs"))
+    return cfg, to_run_config(cfg, output_dir=str(job_dir / "runs"))
+
+
+def run_job(preset: str, overrides: list[str], job_dir: Path, memo: Path) -> float:
+    """One job, resumed after its last completed stage if it stopped part-way; returns its seconds."""
+    cfg, run_config = composed(preset, overrides, job_dir)
     partial = last_run(job_dir)
     if partial is not None and not finished(partial / "results.json"):
         run_config["resume-from"] = str(partial.resolve())
@@ -137,10 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for overrides in sweep_jobs(args.preset, args.only):
         job_dir = args.out / job_name(overrides)
-        if finished(job_dir / "results.json"):
-            log.info("%s: done, skipped", job_dir)
-            continue
         try:
+            if finished(job_dir / "results.json", composed(args.preset, overrides, job_dir)[1]):
+                log.info("%s: done, skipped", job_dir)
+                continue
             seconds = run_job(args.preset, overrides, job_dir, args.out / "score-memo")
         except Exception as err:  # one failed job does not stop the sweep; it is listed and the exit is non-zero
             failed += 1

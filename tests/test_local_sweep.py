@@ -2,10 +2,11 @@
 
 import json
 
+import pytest
 from conftest import default_run_config
 from flwr.app import Context, MessageType, RecordDict
 from simulation.inprocess import InProcessGrid
-from simulation.local_sweep import ScoreMemo, job_name, sweep_jobs
+from simulation.local_sweep import ScoreMemo, finished, job_name, sweep_jobs
 
 from meduniverse_flwr import server_app
 from meduniverse_flwr.client_app import app as client_app
@@ -48,3 +49,8 @@ def test_memoised_scores_are_the_scores_and_are_not_computed_twice(data_root, ti
     assert [s["per_task"] for s in again["stages"]] == [s["per_task"] for s in first["stages"]]
     # another seed is another evaluation (its seeds and partitions): computed, not taken from the memo
     assert other_calls.count(MessageType.EVALUATE) == 4
+    # a job folder counts as done only for the settings that made it
+    done = tmp_path / "0" / "latest" / "results.json"
+    assert finished(done, {**first["config"], "output-dir": "elsewhere"})
+    with pytest.raises(ValueError, match="made with other settings \\(client-lr\\)"):
+        finished(done, {**first["config"], "client-lr": 0.5})
