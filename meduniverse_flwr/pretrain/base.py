@@ -10,6 +10,7 @@ MAE decoder stays here, on the server, for a curation rule that continues MAE.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -37,6 +38,7 @@ class ServerBase:
     source: str  # what it is, for results.json and the log
 
 
+@functools.lru_cache(maxsize=1)  # pretraining and a curation rule read it in one run: decoded once
 def server_corpus(config: RunConfig) -> torch.Tensor:
     """The server's unlabelled images: ``pretrain-corpus`` (or the training datasets' train and val
     splits); held-out domains stay unseen and no test split is read."""
@@ -52,7 +54,7 @@ def content_key(config: RunConfig, settings: object, corpus: torch.Tensor) -> st
     return digest.hexdigest()[:16]
 
 
-def initial_base(config: RunConfig, corpus: torch.Tensor | None = None) -> ServerBase:
+def initial_base(config: RunConfig) -> ServerBase:
     """The stage-0 base: MIM-pretrained on the server (``mae`` / ``simmim``, then continued by
     ``pretrain-continue-epochs``), loaded from a checkpoint (a path), or a random initialisation
     (``none``), each seeded by ``pretrain-seed``."""
@@ -66,7 +68,7 @@ def initial_base(config: RunConfig, corpus: torch.Tensor | None = None) -> Serve
         for line in load_pretrained(path, backbone):
             logger.info("stage-0 base from %s: %s", path, line)
         return ServerBase(backbone.state_dict(), None, f"checkpoint {path}")
-    corpus = server_corpus(config) if corpus is None else corpus
+    corpus = server_corpus(config)
     settings = PretrainSettings(method=config.pretrain, epochs=config.pretrain_epochs, seed=config.pretrain_seed,
                                 input_norm=config.input_norm)
     out_dir = cache_root(config.data_root) / "pretrain" / f"{settings.method}-{config.model}-" \
