@@ -52,7 +52,7 @@ def plot_accuracy_gain(stages: list[dict[str, Any]], summary: dict[str, Any], pa
     ax.set_xlabel("stage (0 = starting base)")
     ax.set_ylabel("accuracy gain over stage 0 (points)")
     p_value = summary["p_value"]
-    ax.set_title("MedUniverse stage-wise gain" + (f"  (final p = {p_value:.3g})" if p_value is not None else ""))
+    ax.set_title("MedUniverse stage-wise gain" + (f"  (p = {p_value:.3g})" if p_value is not None else ""))
     ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
     save_figure(fig, path)

@@ -57,13 +57,32 @@ def stage_entry(stage: int, outcome: StageOutcome, seconds: float) -> dict[str, 
 
 
 def summarize(stages: list[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy gain of every stage over stage 0, and the final stage's paired p-value over tasks."""
+    """Accuracy gain of every stage over stage 0, and a paired p-value over tasks.
+
+    When every stage scores every task (``schedule = every-stage``): the stage's mean minus stage 0's, and
+    the final stage against stage 0. When a stage scores only some tasks (the arrival protocol scores the
+    tasks arriving next, each from the base it is sent): the mean over those tasks of their score minus
+    their own stage-0 score (a difference of means over different tasks would measure the task mix), and
+    the test pools every such pair of the later stages."""
+    base = stages[0]
+    tasks = [t for t, m in base["per_task"].items() if not m["held_out"]]
+    if all(t in s["per_task"] for t in tasks for s in stages):
+        return _summarize_every_task(stages, tasks)
+    pairs = [[(s["per_task"][t]["accuracy"], base["per_task"][t]["accuracy"]) for t in tasks
+              if t in s["per_task"] and None not in (s["per_task"][t]["accuracy"], base["per_task"][t]["accuracy"])]
+             for s in stages]
+    gains = [float(np.mean([a - b for a, b in stage_pairs])) if stage_pairs else None for stage_pairs in pairs]
+    pooled = [pair for stage_pairs in pairs[1:] for pair in stage_pairs]
+    return {"accuracy_gain": gains, "p_value": paired_p_value(*zip(*pooled)) if pooled else None,
+            "p_value_test": "paired t-test over the tasks scored after stage 0, each against its stage-0 score"}
+
+
+def _summarize_every_task(stages: list[dict[str, Any]], tasks: list[str]) -> dict[str, Any]:
     base, last = stages[0], stages[-1]
     gains = [None if s["mean_accuracy"] is None or base["mean_accuracy"] is None
              else s["mean_accuracy"] - base["mean_accuracy"] for s in stages]
-    tasks = [t for t, m in base["per_task"].items() if not m["held_out"]]
     p_value = None
-    scored = all(t in s["per_task"] and s["per_task"][t]["accuracy"] is not None for t in tasks for s in (base, last))
+    scored = all(s["per_task"][t]["accuracy"] is not None for t in tasks for s in (base, last))
     if len(stages) > 1 and scored:
         p_value = paired_p_value([last["per_task"][t]["accuracy"] for t in tasks],
                                  [base["per_task"][t]["accuracy"] for t in tasks])

@@ -17,6 +17,7 @@ from meduniverse_flwr.config import ConfigError, RunConfig
 from meduniverse_flwr.data import DataOptions, TaskData, load_node_task
 from meduniverse_flwr.data.corpus import load_corpus
 from meduniverse_flwr.data.partition import stratified_subset
+from meduniverse_flwr.results import summarize
 from meduniverse_flwr.schedule import arrival_order, arrivals, trained_by
 from meduniverse_flwr.task import scoring_labels
 
@@ -100,6 +101,21 @@ def test_ties_merge_against_hand_computed_values():
     updates = [({"w": base["w"] + row}, 10) for row in deltas]
     np.testing.assert_allclose(aggregate(updates, "ties", merge_density=0.5, base=base)["w"],
                                [1.7, 1.0, 1.7, 0.2], rtol=1e-6)
+
+
+def test_an_arrival_runs_gain_pairs_each_scored_task_with_its_own_stage0_score():
+    def stage(number, scores):
+        return {"stage": number, "per_task": {t: {"accuracy": a, "held_out": False} for t, a in scores.items()}}
+    stages = [stage(0, {"a": 0.5, "b": 0.9, "c": 0.7}), stage(1, {"b": 0.95}), stage(2, {"a": 0.6, "c": 0.6}),
+              stage(3, {})]
+    summary = summarize(stages)
+    # a difference of means would read +0.25 at stage 1 (b's 0.95 against the mean of a, b and c)
+    assert summary["accuracy_gain"] == pytest.approx([0.0, 0.05, 0.0, None])
+    diffs = np.array([0.05, 0.1, -0.1])
+    t = diffs.mean() / (diffs.std(ddof=1) / np.sqrt(3))
+    from scipy import stats
+    assert summary["p_value"] == pytest.approx(2 * stats.t.sf(abs(t), df=2))
+    assert "each against its stage-0 score" in summary["p_value_test"]
 
 
 def _config(run_config, **overrides) -> dict:
