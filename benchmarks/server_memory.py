@@ -91,8 +91,8 @@ def one_stage(k: int, model: str, image_size: int, rule: str) -> None:
         def run(self):
             raise NotImplementedError
 
-    strategy = StageWise(RunConfig.with_defaults(clients_per_stage=k, model=model, image_size=image_size,
-                                                 aggregation=rule))
+    strategy = StageWise(RunConfig.with_defaults(schedule="every-stage", clients_per_stage=k, model=model,
+                                                 image_size=image_size, aggregation=rule))
     strategy.cards = {node: TaskCard(f"task-{node}", "synthetic", 2, "binary", 100, 100, 100) for node in range(k)}
     before = peak_rss_mb()
     started = time.perf_counter()

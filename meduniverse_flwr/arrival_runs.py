@@ -79,10 +79,18 @@ def _task_cards(cards: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
             for name, card in cards.items()}
 
 
+def with_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """Keys newer than the file take their declared defaults, except the clients' own recipe: a file
+    written before it existed trained its clients with the scoring recipe (``lr``, ``layer-decay``)."""
+    scoring = {**DEFAULTS, **config}
+    before_recipe = {"client-lr": scoring["lr"], "client-layer-decay": scoring["layer-decay"], "client-head-epochs": 0}
+    return {**DEFAULTS, **before_recipe, **config}
+
+
 def arm_label(config: dict[str, Any]) -> str:
     """The arm a run belongs to, from its (checked) config; seeds of one arm share it. A client recipe
     other than the declared one is part of a stage-wise arm's name (runs of a recipe grid differ in it)."""
-    config = {**DEFAULTS, **config}  # keys newer than the file take their declared defaults
+    config = with_defaults(config)
     pretrain = config["pretrain"]
     if config["num-stages"] == 0:
         if pretrain == "none":
@@ -111,8 +119,9 @@ def read_run(results_path: Path) -> ArrivalRun:
     defaults); ValueError (one line, naming the file) otherwise."""
     payload = read_results(results_path)
     config = dict(payload["config"])
+    defaults = with_defaults(config)
     for key, (ok, why) in CONFIG_CHECKS.items():
-        config[key] = config_value(results_path, config, key, DEFAULTS.get(key), ok, why)
+        config[key] = config_value(results_path, config, key, defaults.get(key), ok, why)
     return ArrivalRun(results_path, config, payload["stages"], _task_cards(payload.get("tasks", {})),
                       arm_label(config), config["seed"], config["eval-labels"], config["num-stages"])
 

@@ -168,15 +168,15 @@ class RunConfig:
             check(self.aggregation == "mean", "aggregation", "dp = 'site' needs aggregation = 'mean'")
         if self.dp == "example":
             check(not self.compile, "compile", "not with dp = 'example' (Opacus' per-example hooks)")
-        if self.schedule == "arrival":
-            check(self.num_stages * self.clients_per_stage <= len(self.training_datasets), "num-stages",
-                  f"x clients-per-stage = {self.num_stages * self.clients_per_stage} arrivals, more than the "
-                  f"{len(self.training_datasets)} training datasets (schedule = 'arrival' trains each task once)")
         check(("archive" in self.pretrain_corpus) == (self.archive_share > 0), "archive-share",
               "the 'archive' corpus entry and archive-share > 0 go together")
         unknown = [name for name in self.held_out if name not in self.dataset_names]
         check(not unknown, "held-out", f"{unknown} not among the dataset names {self.dataset_names}")
         check(len(self.held_out) < len(self.datasets), "held-out", "leaves no dataset to train on")
+        if self.schedule == "arrival":
+            check(self.num_stages * self.clients_per_stage <= len(self.training_datasets), "num-stages",
+                  f"x clients-per-stage = {self.num_stages * self.clients_per_stage} arrivals, more than the "
+                  f"{len(self.training_datasets)} training datasets (schedule = 'arrival' trains each task once)")
 
     @property
     def dataset_names(self) -> tuple[str, ...]:

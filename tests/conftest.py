@@ -16,6 +16,19 @@ def default_run_config() -> dict:
         return tomllib.load(handle)["tool"]["flwr"]["app"]["config"]
 
 
+# The settings the federation-mechanics tests were written for: every stage retrains every site and
+# scores every task with a linear probe (the default before the paper's arrival protocol became it).
+# Tests whose subject is the arrival protocol set its keys themselves (tests/test_arrival.py).
+EVERY_STAGE = {"schedule": "every-stage", "clients-per-stage": 4, "aggregation": "weighted", "client-lr": 0.001,
+               "client-layer-decay": 1.0, "eval-mode": "linear-probe", "eval-epochs": 1, "eval-labels": 0}
+def with_every_stage(run_config: str, *set_later: str) -> str:
+    """`flwr run --run-config` text with EVERY_STAGE's keys that it does not set itself (nor ``set_later``
+    by the text appended to it)."""
+    given = {item.partition("=")[0] for item in run_config.split()} | set(set_later)
+    return " ".join([*(f"{key}='{value}'" if isinstance(value, str) else f"{key}={value}"
+                       for key, value in EVERY_STAGE.items() if key not in given), run_config])
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> Path:
     """One embedded-data cache for the whole session (built on first use, ~5 s)."""
@@ -27,7 +40,7 @@ def run_config(data_root, tmp_path):
     """The app's default run config with tiny, fast settings and test-local paths."""
 
     def make(**overrides) -> dict:
-        config = default_run_config()
+        config = {**default_run_config(), **EVERY_STAGE}
         config.update({"data-root": str(data_root), "output-dir": str(tmp_path / "outputs"),
                        "num-stages": 1, "local-epochs": 1, "probe-epochs": 3, "pretrain-epochs": 1})
         config.update({key.replace("_", "-"): value for key, value in overrides.items()})

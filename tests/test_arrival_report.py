@@ -11,7 +11,7 @@ import pytest
 from scipy import stats as scipy_stats
 
 from meduniverse_flwr import arrival_report, report, stats
-from meduniverse_flwr.arrival_runs import arm_label, arrival_stages, level_label
+from meduniverse_flwr.arrival_runs import CLIENT_RECIPE, DEFAULTS, arm_label, arrival_stages, level_label
 from meduniverse_flwr.results import read_results
 
 TASKS = ("a", "b", "c", "d", "e")
@@ -65,7 +65,8 @@ def stage_entry(arm, level, seed, number, tasks, held_out=()):
 def config(arm, level, seed):
     config = {"schedule": "arrival", "seed": seed, "eval-labels": level, "eval-mode": "finetune", "pretrain": "mae",
               "pretrain-epochs": 10, "num-stages": 3, "clients-per-stage": 2, "strategy": "stagewise",
-              "aggregation": "mean", "server-mix": 1.0, "merge-density": 0.2, "datasets": "a,b,c,d,e", "held-out": ""}
+              "aggregation": "mean", "server-mix": 1.0, "merge-density": 0.2, "datasets": "a,b,c,d,e", "held-out": "",
+              **{key: DEFAULTS[key] for key in CLIENT_RECIPE}}
     if arm == "ties":
         config.update({"aggregation": "ties", "datasets": "a,b,c,d,e,h", "held-out": "h"})
     elif arm == "random":
@@ -140,6 +141,12 @@ def test_arms_and_arrival_stages():
     assert [arm_label(config(arm, 0, 0)) for arm in ARMS] == list(ARMS.values())
     mixed = {**config("mean", 0, 0), "server-mix": 0.5}
     assert arm_label(mixed) == "stage-wise: mean, mix 0.5"
+    # a file from before the clients' own recipe: its clients trained with the scoring recipe
+    older = {k: v for k, v in config("mean", 0, 0).items() if k not in CLIENT_RECIPE}
+    assert arm_label({**older, "lr": 0.001, "layer-decay": 1.0}) == (
+        "stage-wise: mean; client lr 0.001, layer decay 1, head epochs 0")
+    assert arm_label({**older, "lr": DEFAULTS["client-lr"], "layer-decay": DEFAULTS["client-layer-decay"]}) == (
+        "stage-wise: mean")
     assert arrival_stages(payload("mean", 0, 1)["stages"]) == {"c": 1, "e": 1, "a": 2, "d": 2, "b": 3}
     stages = payload("mean", 0, 1)["stages"]
     stages[3]["participants"] = ["c"]

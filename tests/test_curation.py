@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import default_run_config
+from conftest import EVERY_STAGE, default_run_config
 from flwr.app import Context, MessageType, RecordDict
 from safetensors.torch import load_file
 from simulation.inprocess import InProcessGrid
@@ -35,7 +35,8 @@ def tiny(data_root, tiny_sites, tmp_path):
     """Three tiny sites, MAE for one epoch, one stage; ``tiny(name, **overrides)`` runs it in-process."""
 
     def make(name: str, **overrides) -> tuple[dict, InProcessGrid, Path]:
-        config = {**default_run_config(), "data-root": str(tmp_path / "cache"), "num-stages": 1, "local-epochs": 1,
+        config = {**default_run_config(), **EVERY_STAGE,
+                  "data-root": str(tmp_path / "cache"), "num-stages": 1, "local-epochs": 1,
                   "probe-epochs": 2, "pretrain-epochs": 1, "datasets": ",".join(tiny_sites), "clients-per-stage": 3,
                   "output-dir": str(tmp_path / name)}
         config.update({key.replace("_", "-"): value for key, value in overrides.items()})

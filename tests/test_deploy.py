@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, write_medmnist
+from conftest import ROOT, with_every_stage, write_medmnist
 from simulation.flower import finish_flwr_run, free_port, run_status, start_flwr_run
 
 from deploy.flwr_cli import BIN, flower_env, flwr, register, supernodes
@@ -35,7 +35,8 @@ from meduniverse_flwr.site_ledger import ledger_path, read_ledger
 pytestmark = pytest.mark.deployment
 
 FLAGS = ["pneumoniamnist", "bloodmnist", "organamnist"]  # 2, 8 and 11 classes; gray and RGB
-RUN = "local-epochs=1 probe-epochs=2 pretrain='none' batch-size=32"
+# every run below appends its own clients-per-stage
+RUN = with_every_stage("local-epochs=1 probe-epochs=2 pretrain='none' batch-size=32", "clients-per-stage")
 
 
 GATE_ENV = "TEST_CLIENTAPP_GATE"

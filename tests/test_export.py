@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import default_run_config
+from conftest import EVERY_STAGE, default_run_config
 from flwr.app import Context, RecordDict
 from safetensors.torch import load_file, save_file
 from simulation.inprocess import InProcessGrid
@@ -42,7 +42,7 @@ assert "meduniverse_flwr" not in sys.modules
 @pytest.fixture(scope="module")
 def run_dir(data_root, tiny_sites, tmp_path_factory) -> Path:
     """One finished run (stages 0 and 1, server-side DP so epsilon is recorded) on three tiny sites."""
-    config = {**default_run_config(), "data-root": str(data_root), "num-stages": 1, "local-epochs": 1,
+    config = {**default_run_config(), **EVERY_STAGE, "data-root": str(data_root), "num-stages": 1, "local-epochs": 1,
               "probe-epochs": 2, "pretrain": "none", "batch-size": 16, "clients-per-stage": 3,
               "datasets": ",".join(tiny_sites), "dp": "site", "aggregation": "mean",
               "output-dir": str(tmp_path_factory.mktemp("export-run"))}

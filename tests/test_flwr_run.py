@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import with_every_stage
 from simulation.flower import flwr_run, local_superlink, run_status
 from safetensors.torch import load_file
 
@@ -23,8 +24,8 @@ def test_four_nodes_on_the_default_data(superlink, data_root):
     env, cwd = superlink
     run_id, output = flwr_run(
         env,
-        f"num-stages=1 local-epochs=1 probe-epochs=3 pretrain-epochs=1 data-root='{data_root}' output-dir='outputs' "
-        "dp='site' aggregation='mean' dp-noise-multiplier=1.5",
+        with_every_stage(f"num-stages=1 local-epochs=1 probe-epochs=3 pretrain-epochs=1 data-root='{data_root}' "
+                         "output-dir='outputs' dp='site' aggregation='mean' dp-noise-multiplier=1.5"),
         "num-supernodes=4 client-resources-num-cpus=1",
     )
     assert run_status(env, run_id) == "finished:completed", output[-3000:]
@@ -60,8 +61,9 @@ def test_local_baseline_keeps_each_node_model_across_messages(superlink, tiny_si
     env, cwd = superlink
     run_id, output = flwr_run(
         env,
-        f"strategy='local' num-stages=2 local-epochs=1 probe-epochs=3 pretrain='none' clients-per-stage=2 "
-        f"datasets='{','.join(tiny_sites[:2])}' data-root='{cwd / 'cache'}' output-dir='outputs'",
+        with_every_stage(f"strategy='local' num-stages=2 local-epochs=1 probe-epochs=3 pretrain='none' "
+                         f"clients-per-stage=2 datasets='{','.join(tiny_sites[:2])}' data-root='{cwd / 'cache'}' "
+                         "output-dir='outputs'"),
         "num-supernodes=2 client-resources-num-cpus=1",
     )
     assert run_status(env, run_id) == "finished:completed", output[-3000:]
@@ -81,8 +83,9 @@ def test_distill_curates_on_the_servers_corpus_under_flwr_run(superlink, tiny_si
     env, cwd = superlink
     run_id, output = flwr_run(
         env,
-        f"aggregation='distill' distill-epochs=1 num-stages=1 local-epochs=1 probe-epochs=2 pretrain-epochs=1 "
-        f"clients-per-stage=2 datasets='{','.join(tiny_sites[:2])}' data-root='{cwd / 'cache'}' output-dir='outputs'",
+        with_every_stage(f"aggregation='distill' distill-epochs=1 num-stages=1 local-epochs=1 probe-epochs=2 "
+                         f"pretrain-epochs=1 clients-per-stage=2 datasets='{','.join(tiny_sites[:2])}' "
+                         f"data-root='{cwd / 'cache'}' output-dir='outputs'"),
         "num-supernodes=2 client-resources-num-cpus=1",
     )
     assert run_status(env, run_id) == "finished:completed", output[-3000:]

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, default_run_config
+from conftest import EVERY_STAGE, ROOT, default_run_config
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -107,6 +107,7 @@ def test_sweep_runs_jobs_writes_a_summary_and_leaves_no_process(tmp_path, tiny_s
         "--multirun", "num_stages=-1,1",  # job 0 is invalid (fails before any process starts), job 1 runs
         "local_epochs=1", "probe_epochs=2", "clients_per_stage=2", "pretrain=none",
         "attack_nodes=1", "attack_factor=1000.0", "max_update_ratio=1e9",
+        *(f"{key.replace('-', '_')}={value}" for key, value in EVERY_STAGE.items() if key != "clients-per-stage"),
         "federation.num_supernodes=2", f"datasets=[{','.join(tiny_sites[:2])}]", f"data_root={tmp_path / 'cache'}",
         f"hydra.sweep.dir={sweep_dir}",
     )

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import default_run_config
+from conftest import EVERY_STAGE, default_run_config
 from flwr.app import Context, MessageType, RecordDict
 from simulation.inprocess import InProcessGrid
 from simulation.local_sweep import ScoreMemo, finished, job_name, sweep_jobs
@@ -36,7 +36,8 @@ def test_memoised_scores_are_the_scores_and_are_not_computed_twice(data_root, ti
 
     results = []
     for attempt, strategy_seed in enumerate((0, 0, 1)):
-        config = {**default_run_config(), "data-root": str(data_root), "num-stages": 1, "local-epochs": 1,
+        config = {**default_run_config(), **EVERY_STAGE,
+                  "data-root": str(data_root), "num-stages": 1, "local-epochs": 1,
                   "probe-epochs": 2, "pretrain-epochs": 1, "datasets": ",".join(tiny_sites[:2]),
                   "clients-per-stage": 2, "seed": strategy_seed, "output-dir": str(tmp_path / str(attempt))}
         calls.clear()

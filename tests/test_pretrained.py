@@ -7,7 +7,7 @@ import math
 import pytest
 import timm
 import torch
-from conftest import default_run_config
+from conftest import EVERY_STAGE, default_run_config
 from flwr.app import Context, RecordDict
 from safetensors.torch import load_file, save_file
 from simulation.inprocess import InProcessGrid
@@ -34,7 +34,8 @@ def timm_backbone(tmp_path, name="vit_tiny_patch16_224", **kwargs):
 
 def test_a_federation_starts_from_a_timm_vit_of_another_patch_and_image_size(tmp_path, tiny_sites):
     path = timm_backbone(tmp_path)  # 224 px, patch 16: 14 x 14 positions
-    config = {**default_run_config(), "datasets": ",".join(tiny_sites[:2]), "model": "vit-tiny", "image-size": 28,
+    config = {**default_run_config(), **EVERY_STAGE,
+              "datasets": ",".join(tiny_sites[:2]), "model": "vit-tiny", "image-size": 28,
               "pretrain": str(path), "num-stages": 1, "clients-per-stage": 2, "local-epochs": 1, "probe-epochs": 1,
               "batch-size": 16, "data-root": str(tmp_path / "cache"), "output-dir": str(tmp_path / "out")}
     server_app.main(InProcessGrid(client_app, config, 2),

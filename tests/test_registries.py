@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import default_run_config, write_medmnist
+from conftest import EVERY_STAGE, default_run_config, write_medmnist
 from flwr.app import Context, RecordDict
 from safetensors.torch import load_file
 from scipy.stats import trim_mean
@@ -37,7 +37,7 @@ REGISTRIES = {
 @pytest.mark.parametrize("key", REGISTRIES)
 def test_validation_accepts_exactly_the_registered_names(key):
     for name in REGISTRIES[key]:
-        RunConfig.from_run_config({**default_run_config(), key: name})
+        RunConfig.from_run_config({**default_run_config(), **EVERY_STAGE, key: name})
     with pytest.raises(ConfigError, match=re.escape(f"'{key}' = 'not-registered': must be one of "
                                                    f"{tuple(REGISTRIES[key])}")):
         RunConfig.from_run_config({**default_run_config(), key: "not-registered"})

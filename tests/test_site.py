@@ -7,7 +7,7 @@ import math
 import threading
 
 import pytest
-from conftest import default_run_config, write_medmnist
+from conftest import EVERY_STAGE, default_run_config, write_medmnist
 from flwr.app import Context, RecordDict
 from simulation.inprocess import InProcessGrid
 
@@ -155,7 +155,8 @@ def test_two_releases_at_once_cannot_both_spend_the_last_of_a_budget(tmp_path):
 
 # ------------------------------------------------------------------ in a federation (in-process)
 def federation(tiny_sites, tmp_path, name, sites, **overrides):
-    config = {**default_run_config(), "datasets": ",".join(tiny_sites), "data-root": str(tmp_path / "cache"),
+    config = {**default_run_config(), **EVERY_STAGE,
+              "datasets": ",".join(tiny_sites), "data-root": str(tmp_path / "cache"),
               "output-dir": str(tmp_path / name), "num-stages": 1, "clients-per-stage": 3, "local-epochs": 1,
               "probe-epochs": 2, "pretrain": "none", "batch-size": 16, **overrides}
     server_app.main(InProcessGrid(client_app, config, 3, sites=sites),

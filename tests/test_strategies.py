@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import write_medmnist
+from conftest import EVERY_STAGE, write_medmnist
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from safetensors.numpy import load_file
 from simulation.inprocess import InProcessGrid
@@ -132,7 +132,7 @@ def test_centralized_trains_on_the_server_and_says_it_pools_data(run_config, sit
     assert not all(np.array_equal(checkpoint(run_dir, 1)[k], v) for k, v in checkpoint(run_dir, 0).items())
     assert "breaks privacy" in caplog.text
     with pytest.raises(ValueError, match="resume-from: strategy 'centralized' keeps its task heads in server memory"):
-        build_strategy(RunConfig.with_defaults(strategy="centralized")).resume(results["stages"])
+        build_strategy(RunConfig.with_defaults(**EVERY_STAGE, strategy="centralized")).resume(results["stages"])
 
 
 def test_pooled_training_is_seeded_and_keeps_a_head_per_task(sites, tmp_path):
@@ -154,7 +154,8 @@ def test_pooled_training_is_seeded_and_keeps_a_head_per_task(sites, tmp_path):
 @pytest.mark.parametrize("strategy", ["stagewise", "cyclic"])
 def test_node_ids_past_int64_are_sampled_and_visited_as_ids(strategy):
     """Flower's node ids are 64-bit unsigned: a NumPy array of them can become float64."""
-    chosen = build_strategy(RunConfig.with_defaults(strategy=strategy, datasets="a,b,c", clients_per_stage=2,
+    chosen = build_strategy(RunConfig.with_defaults(**EVERY_STAGE,
+                                                    strategy=strategy, datasets="a,b,c", clients_per_stage=2,
                                                     oversample=1.0))
     ids = [2**64 - 1, 17, 8920515508404772000]
     chosen.cards = {node: TaskCard(name, "CT", 2, "binary", 10, 5, 5) for node, name in zip(ids, "abc")}

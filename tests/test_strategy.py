@@ -9,7 +9,7 @@ from uuid import uuid4
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_FLAGS, default_run_config, write_medmnist
+from conftest import EVERY_STAGE, TINY_FLAGS, default_run_config, write_medmnist
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from simulation.inprocess import InProcessGrid, act_as_server
@@ -41,10 +41,11 @@ def without_seconds(stages):
 
 @pytest.fixture(scope="module")
 def two_runs(data_root, tiny_sites, tmp_path_factory):
-    """The default settings (MAE-pretrained base, one stage) on three tiny sites, twice with the same seed."""
+    """The every-stage settings (MAE-pretrained base, one stage) on three tiny sites, twice with the same seed."""
     results = []
     for attempt in range(2):
-        config = {**default_run_config(), "data-root": str(data_root), "num-stages": 1, "local-epochs": 1,
+        config = {**default_run_config(), **EVERY_STAGE,
+                  "data-root": str(data_root), "num-stages": 1, "local-epochs": 1,
                   "probe-epochs": 3, "pretrain-epochs": 1, "datasets": ",".join(tiny_sites), "clients-per-stage": 3,
                   "output-dir": str(tmp_path_factory.mktemp(f"run{attempt}"))}
         results.append(run_federation(config, num_nodes=3))
@@ -110,7 +111,8 @@ class _Stage:
         act_as_server()
         torch.manual_seed(0)  # every _Stage starts from the same base
         self.base = create_backbone("vit-micro", 28).state_dict()
-        self.strategy = StageWise(RunConfig.with_defaults(**{"datasets": "a,b", "clients_per_stage": 2, **settings}))
+        self.strategy = StageWise(RunConfig.with_defaults(**{**EVERY_STAGE,
+                                                             "datasets": "a,b", "clients_per_stage": 2, **settings}))
         self.strategy.cards = {1: TaskCard("a", "CT", 2, "binary", 10, 5, 5), 2: TaskCard("b", "MR", 3, "multiclass", 30, 5, 5)}
         self.messages = {}
         for message in self.strategy.configure_train(1, ArrayRecord(self.base), ConfigRecord(), grid=None):

@@ -204,8 +204,8 @@ step "one stage, dp=off: sites 0 and 1 train, site 2 (require-dp) refuses"
 mkdir -p "$RUNDIR/app" && cp -r pyproject.toml README.md LICENSE meduniverse_flwr "$RUNDIR/app/"
 find "$RUNDIR/app" -name __pycache__ -prune -exec rm -rf {} +
 started=$SECONDS
-(cd "$RUNDIR/app" && timeout 900 flwr run . containers --stream --run-config "num-stages=1 clients-per-stage=3 min-replies=2 \
-local-epochs=1 probe-epochs=2 batch-size=32 pretrain='none' stage-timeout=600.0 output-dir='/app/outputs'" \
+(cd "$RUNDIR/app" && timeout 900 flwr run . containers --stream --run-config "schedule='every-stage' num-stages=1 clients-per-stage=3 min-replies=2 \
+eval-mode='linear-probe' eval-epochs=1 eval-labels=0 aggregation='weighted' local-epochs=1 probe-epochs=2 batch-size=32 pretrain='none' stage-timeout=600.0 output-dir='/app/outputs'" \
     > "$WORK/logs/flwr-run.log" 2>&1) || fail "flwr run (log: $WORK/logs/flwr-run.log)"
 echo "run: $((SECONDS - started))s"
 "$PYTHON" - "$RUNDIR/outputs" <<'EOF'
