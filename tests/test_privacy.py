@@ -210,7 +210,7 @@ def test_poisson_batches_sample_each_example_at_the_accounted_rate():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"dp": "site"}, "dp = 'site' needs aggregation = 'mean'"),
+    ({"dp": "site", "aggregation": "weighted"}, "dp = 'site' needs aggregation = 'mean'"),
     ({"dp": "site", "aggregation": "mean", "strategy": "cyclic"}, "'dp' = 'site': strategy 'cyclic' supports dp in"),
     ({"dp": "example", "compile": True}, "'compile' = True: not with dp = 'example'"),
     ({"dp": "laplace"}, "'dp' = 'laplace': must be one of"),
