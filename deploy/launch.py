@@ -23,8 +23,6 @@ TLS and node authentication are on unless ``--insecure`` is given; that flag pri
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import shlex
 import subprocess
@@ -34,29 +32,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deploy.command_line import node_config_string, require_tls
 from deploy.errors import LaunchError, existing
 from deploy.flwr_cli import BIN, flower_env, register, supernodes, wait_for_superlink, write_connection
 from deploy.make_certs import make_certs
 from deploy.processes import start, stop, stop_recorded, write_pid_file
 from meduniverse_flwr.registry import DEVICES
 
-INSECURE_WARNING = ("WARNING: --insecure: traffic is unencrypted and any node can join; "
-                    "use it only on a trusted network, never with patient data")
 LOCAL_CONNECTION = "meduniverse-local"
 # A SuperNode's SuperExec asks it for a new ClientApp task once a second by default, so every
 # message waited 0.5 s on average before its ClientApp started; flower-supernode has no flag for
 # it, only this variable, which its SuperExec inherits. 0.25 s costs ~1.5% of a core per idle node.
 SUPEREXEC_POLL = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"}
-
-
-def require_tls(certs_given: bool, insecure: bool, who: str) -> None:
-    if certs_given and insecure:
-        raise LaunchError(f"{who}: give certificates or --insecure, not both")
-    if not certs_given and not insecure:
-        raise LaunchError(f"{who}: no certificates given; refusing to run without TLS "
-                          f"(make them with deploy/make_certs.py, or pass --insecure to accept the risk)")
-    if insecure:
-        print(INSECURE_WARNING, file=sys.stderr)
 
 
 def superlink_command(host: str, port: int, state: Path, certs: Path | None, insecure: bool) -> list[str]:
@@ -77,14 +64,6 @@ def superlink_command(host: str, port: int, state: Path, certs: Path | None, ins
 def supernode_env(env: dict) -> dict:
     """The environment of a SuperNode: ``env`` with a shorter task poll, unless ``env`` sets its own."""
     return {**SUPEREXEC_POLL, **env}
-
-
-def node_config_string(settings: Mapping[str, object]) -> str:
-    """``--node-config``'s ``key=value`` list (TOML values: quoted strings, true/false, numbers)."""
-    for key, value in settings.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise LaunchError(f"node config: '{key}' = {value}: must be a finite number")
-    return " ".join(f"{key}={json.dumps(value)}" for key, value in settings.items())
 
 
 def supernode_command(superlink: str, dataset: str, data_root: str, port: int,

@@ -21,8 +21,8 @@ from click import ClickException
 from flwr.common.config import parse_config_args
 from PIL import Image, UnidentifiedImageError
 
+from deploy.command_line import node_config_string, require_tls
 from deploy.errors import LaunchError
-from deploy.launch import node_config_string, require_tls
 from meduniverse_flwr.config import ConfigError, RunConfig
 from meduniverse_flwr.data import NodeTask, load_node_task, parse_entry, site_paths
 from meduniverse_flwr.data.dicom import GRAYSCALE

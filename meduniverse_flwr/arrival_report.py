@@ -3,7 +3,7 @@ is sent when it arrives, over the MIM base (the paper's Fig. 3), across seeds, a
 
     python -m meduniverse_flwr.arrival_report multirun/2025-01-01/12-00-00 --out report
 
-Runs are found and read as ``report`` does (``report.find_runs``, ``results.read_results``); a bad
+Runs are found and read as ``report`` does (``run_finder.find_runs``, ``results.read_results``); a bad
 results.json is one line on stderr and exit status 2. ``report.main`` hands its runs here when every
 one is an arrival run.
 
@@ -29,12 +29,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from . import report
 from .arrival_analysis import METRICS, TARGET_GAIN, Analysis, ArmResult, Estimate, Versus, analyse, task_cards
 from .arrival_runs import ArrivalRun, level_label, level_order, read_run, usable_runs
 from .files import write_json_atomic, write_text_atomic
 from .plots import pyplot, save_figure
 from .report_markdown import escape_md, md_table, p_cell
+from .run_finder import default_out, find_runs, parse_report_args
 from .validation import safe_label
 
 CLASSES_SHOWN = 6
@@ -241,24 +241,24 @@ def write_report(runs: list[ArrivalRun], out: Path, notes: Iterable[str] = ()) -
 
 
 def report_paths(paths: list[Path], out: Path | None) -> int:
-    """Read every run ``paths`` stand for, write the report (to ``out``, or ``report.default_out``);
+    """Read every run ``paths`` stand for, write the report (to ``out``, or ``run_finder.default_out``);
     exit status 2 when a results.json was bad (one line each on stderr), else 0."""
     status, runs = 0, []
     for path in paths:
-        for results_path, _ in report.find_runs(path):
+        for results_path, _ in find_runs(path):
             try:
                 runs.append(read_run(results_path))
             except ValueError as err:
                 print(f"arrival_report: {err}", file=sys.stderr)
                 status = 2
     if runs:
-        written = write_report(runs, out or report.default_out(runs))  # type: ignore[arg-type]
+        written = write_report(runs, out or default_out(runs))
         print("arrival_report: " + ", ".join(str(path) for path in written))
     return status
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = report.parse_report_args("python -m meduniverse_flwr.arrival_report", __doc__,
+    args = parse_report_args("python -m meduniverse_flwr.arrival_report", __doc__,
                                     "where report.md, fig3_gain.png and arrival.json go (default: report/ in the "
                                     "runs' common parent)", argv)
     return report_paths(args.paths, args.out)

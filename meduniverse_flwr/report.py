@@ -5,9 +5,7 @@ report across seeds and strategies (tables, paired tests, Fig. 3 over seeds, per
     python -m meduniverse_flwr.report outputs/latest [more run dirs, results.json files, Hydra job or sweep dirs]
     python -m meduniverse_flwr.report multirun/2025-01-01/12-00-00 --out report
 
-A directory without a ``results.json`` of its own (a Hydra sweep, an ``output-dir``) stands for the
-first ``results.json`` on each branch below it, symlinks not followed (``latest`` would count a run
-twice; a Hydra job directory's copy stands for the run in its ``runs/``).
+Runs are found by ``run_finder`` (a sweep or an ``output-dir`` stands for every run below it).
 
 Every ``results.json`` is read with ``results.read_results`` (checked as untrusted): a bad one is
 one line on stderr and exit status 2, after the good ones are printed and reported.
@@ -21,51 +19,16 @@ seed; the numbers are in ``stats``. When every run read is an arrival run (``sch
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
 from pathlib import Path
 
-from . import stats
+from . import arrival_report, stats
 from .files import write_text_atomic
 from .report_figures import plot_accuracy_vs_epsilon, plot_final_accuracy, plot_gain_heatmap, plot_gain_over_seeds
 from .report_groups import Run, build_groups, config_notes, distinct_runs, final_epsilons, read_run, variant_of
 from .report_markdown import report_markdown
+from .run_finder import default_out, find_runs, parse_report_args
 from .run_table import run_text
-
-
-def locate(path: Path) -> tuple[Path, Path]:
-    """(results.json, the directory holding the run's other files) for a run directory, a
-    results.json, or a Hydra job directory (its run lives in ``runs/latest``)."""
-    results = path if path.name == "results.json" else path / "results.json"
-    job_run = results.parent / "runs" / "latest"
-    return results, job_run if job_run.is_dir() else results.parent
-
-
-def _natural(name: str) -> tuple[bool, int, str]:
-    """Hydra job directories 0, 1, ..., 10 in numeric order."""
-    return (not name.isdigit(), int(name) if name.isdigit() else 0, name)
-
-
-def find_runs(path: Path) -> list[tuple[Path, Path]]:
-    """``locate`` for every run ``path`` stands for (see the module docstring); a path with no
-    results.json anywhere is returned as is, so that reading it names the problem."""
-    if path.name == "results.json" or (path / "results.json").exists() or not path.is_dir():
-        return [locate(path)]
-    found = []
-    for root, dirs, files in os.walk(path):  # symlinks to directories are not entered
-        if "results.json" in files:
-            found.append(locate(Path(root)))
-            dirs.clear()
-        dirs.sort(key=_natural)
-    return found or [locate(path)]
-
-
-# ------------------------------------------------------------------ the whole report
-def default_out(runs: list[Run]) -> Path:
-    """``report/`` in the runs' common parent directory; ``./report`` when that is the filesystem root."""
-    common = Path(os.path.commonpath([run.results_path.absolute().parent for run in runs]))
-    return Path("report") if common == Path(common.anchor) else common / "report"
 
 
 def write_report(runs: list[Run], out: Path, notes: list[str]) -> list[Path]:
@@ -93,15 +56,6 @@ def write_report(runs: list[Run], out: Path, notes: list[str]) -> list[Path]:
     return paths
 
 
-def parse_report_args(prog: str, doc: str, out_help: str, argv: list[str] | None) -> argparse.Namespace:
-    """A report CLI's arguments: the paths to read runs from, and ``--out``."""
-    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", type=Path,
-                        help="run directories, results.json files, Hydra job or sweep directories")
-    parser.add_argument("--out", type=Path, default=None, help=out_help)
-    return parser.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_report_args("python -m meduniverse_flwr.report", __doc__,
                              "where report.md and the figures go (default: report/ in the runs' common parent; "
@@ -118,8 +72,6 @@ def main(argv: list[str] | None = None) -> int:
             print(run_text(results_path, run_dir, run.stages), end="\n\n")
             runs.append(run)
     if runs and all(run.config.get("schedule") == "arrival" for run in runs):
-        from . import arrival_report  # imported here: it builds on this module
-
         # arrival runs are compared across arms by seed and label budget: a report of their own
         return max(status, arrival_report.report_paths([run.results_path for run in runs], args.out))
     runs, notes = distinct_runs(runs)

@@ -20,10 +20,16 @@ from .pretrain.base import ServerBase, checkpoint_backbone, initial_base, server
 from .pretrain.distill import read_decoder
 from .run_table import format_table, run_files
 from .results import RunOutputs, stage_entry, summarize
-from .strategy import StageFailed, build_strategy
+from .strategy import StageFailed, StageWise
 from .tracking import Tracker, open_tracker
 
 app = ServerApp()
+
+
+def build_strategy(config: RunConfig) -> StageWise:
+    """The run's strategy: its registry entry's class (``strategy`` or a comparison built on it), built
+    from the run config. Here, not in ``strategy``: the comparisons import ``strategy``."""
+    return registry.resolve(registry.STRATEGIES[config.strategy].target)(config)
 
 
 def open_outputs(config: RunConfig, run_id: int) -> tuple[RunOutputs, ServerBase]:

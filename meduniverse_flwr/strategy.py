@@ -37,7 +37,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from . import driver, registry
+from . import driver
 from .aggregation import Aggregate, mix, new_aggregate
 from .config import RunConfig
 from .data import TaskCard
@@ -55,17 +55,11 @@ class StageFailed(RuntimeError):
     """A stage ended (K replies never came before the timeout) with too few valid replies."""
 
 
-def build_strategy(config: RunConfig) -> "StageWise":
-    """The run's strategy: its registry entry's class, built from the run config."""
-    return registry.resolve(registry.STRATEGIES[config.strategy].target)(config)
-
-
 class StageWise(Strategy):
     """Stage-wise aggregation of backbones from clients with different task heads."""
 
     def __init__(self, config: RunConfig) -> None:
         self.config = config
-        self.entry = registry.STRATEGIES[config.strategy]
         self.clients_per_stage = config.clients_per_stage
         self.held_out = frozenset(config.held_out)
         self.timeout = config.stage_timeout

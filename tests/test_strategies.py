@@ -18,7 +18,7 @@ from meduniverse_flwr.data import DataOptions, TaskCard, load_node_task
 from meduniverse_flwr.messages import Instructions, pack, unpack
 from meduniverse_flwr.model import create_backbone
 from meduniverse_flwr.pooled import train_pooled
-from meduniverse_flwr.strategy import build_strategy
+from meduniverse_flwr.server_app import build_strategy
 from meduniverse_flwr.task import TrainSettings, evaluate_base
 
 FLAGS = ("pneumoniamnist", "bloodmnist", "organamnist")

@@ -22,7 +22,8 @@ from meduniverse_flwr.model import create_backbone
 from meduniverse_flwr.results import stage_entry
 from meduniverse_flwr.messages import pack, to_numpy, unpack
 from meduniverse_flwr.registry import STRATEGIES
-from meduniverse_flwr.strategy import StageFailed, StageWise, build_strategy
+from meduniverse_flwr.server_app import build_strategy
+from meduniverse_flwr.strategy import StageFailed, StageWise
 
 
 def run_federation(config: dict, num_nodes: int, tamper=None) -> tuple[dict, InProcessGrid]:

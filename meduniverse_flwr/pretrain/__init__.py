@@ -1,12 +1,13 @@
 """Server-side masked image modelling: MAE and SimMIM on unlabeled medical images.
 
-Split by concern, as MAE's own code is: ``models`` (the masks and the MIM models), ``engine``
-(settings and the training loop), ``state`` (the resume state, read as untrusted), ``__main__``
-(the CLI: ``python -m meduniverse_flwr.pretrain``). What other modules use is re-exported here.
+Split by concern, as MAE's own code is: ``models`` (the masks and the MIM models), ``settings``
+(what a run is asked to do), ``engine`` (the training loop), ``state`` (the resume state, read as
+untrusted), ``__main__`` (the CLI: ``python -m meduniverse_flwr.pretrain``). What other modules use is re-exported here.
 """
 
-from .engine import PretrainResult, PretrainSettings, build_mim, pretrain
+from .engine import PretrainResult, build_mim, pretrain
 from .models import MAE, MaskedImageModel, SimMIM, patchify, random_masking, unpatchify
+from .settings import PretrainSettings
 
 __all__ = ["MAE", "MaskedImageModel", "PretrainResult", "PretrainSettings", "SimMIM", "build_mim",
            "patchify", "pretrain", "random_masking", "unpatchify"]

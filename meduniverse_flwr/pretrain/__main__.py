@@ -16,7 +16,8 @@ from .. import registry
 from ..config import declared_defaults, split_list
 from ..data import DataOptions
 from ..data.corpus import load_corpus
-from .engine import PretrainSettings, pretrain
+from .engine import pretrain
+from .settings import PretrainSettings
 
 logger = logging.getLogger("flwr")
 TUNED = ("epochs", "batch_size", "lr", "weight_decay", "warmup_epochs", "mask_ratio", "decoder_dim", "decoder_depth",

@@ -26,7 +26,8 @@ from ..data.corpus import load_corpus
 from ..model import create_backbone, load_backbone, load_pretrained, save_backbone
 from ..seeds import derive_seed
 from .distill import ContinueSettings, continue_mim, mae_around, read_decoder, split_mae_state
-from .engine import DECODER_FILE, PretrainSettings, pretrain
+from .engine import DECODER_FILE, pretrain
+from .settings import PretrainSettings
 
 logger = logging.getLogger("flwr")
 

@@ -28,8 +28,9 @@ from ..config import RunConfig
 from ..model import create_backbone, read_tensors
 from ..seeds import derive_seed
 from ..task import autocast, cosine_with_warmup, resolve_device, to_input
-from .engine import PretrainSettings, build_mim
+from .engine import build_mim
 from .models import MAE, random_masking
+from .settings import PretrainSettings
 
 WARMUP_FRACTION = 0.1  # of the continuation's steps: a short ramp, the base is already trained
 

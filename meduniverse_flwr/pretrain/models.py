@@ -13,14 +13,12 @@ a builder here and a line in ``registry.PRETRAIN_METHODS``.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
 
 import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-if TYPE_CHECKING:  # the settings live with the loop, which imports this module
-    from .engine import PretrainSettings
+from .settings import PretrainSettings
 
 
 # ------------------------------------------------------------------ masking
