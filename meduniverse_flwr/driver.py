@@ -19,8 +19,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 from .data import TaskCard
-from .messages import record
-from .validation import Rejected, admit_cards, parse_card
+from .validation import Rejected, admit_cards, parse_card, reply_records
 
 # Seconds between pulls while waiting for replies: short right after a reply (the in-memory
 # simulation grid answers at once), backing off to PULL_MAX so that a deployed SuperLink is
@@ -50,11 +49,7 @@ def ask_cards(grid: Grid, queries: list[Message], timeout: float) -> dict[int, T
     for reply in grid.send_and_receive(queries, timeout=timeout):
         node = sender(reply, queries)
         try:
-            if reply.has_error():
-                raise Rejected(f"error reply ({reply.error.reason})")
-            card = record(reply.content, "card", ConfigRecord)
-            if card is None:
-                raise Rejected("no 'card' record in the reply")
+            [card] = reply_records(reply, ("card", ConfigRecord))
             parsed[node] = parse_card(card)
         except Rejected as err:
             log(WARNING, "node %d: task card rejected: %s", node, err)

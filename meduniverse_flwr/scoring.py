@@ -10,19 +10,14 @@ from __future__ import annotations
 from flwr.app import Message, MetricRecord
 
 from .data import TaskCard
-from .messages import record
-from .validation import EvalScore, Rejected, check_eval_reply
+from .validation import EvalScore, Rejected, check_eval_reply, reply_records
 
 
 def check_evaluate_reply(reply: Message, card: TaskCard | None, eval_split: str) -> EvalScore:
     """The reply's score; Rejected says why it has none."""
     if card is None:
         raise Rejected("node has no task card")
-    if reply.has_error():
-        raise Rejected(f"error reply ({reply.error.reason})")
-    metrics = record(reply.content, "metrics", MetricRecord)
-    if metrics is None:
-        raise Rejected("reply lacks the 'metrics' record")
+    [metrics] = reply_records(reply, ("metrics", MetricRecord))
     return check_eval_reply(metrics, card, eval_split)
 
 

@@ -48,7 +48,7 @@ from .schedule import arrival_order, arrivals, trained_by
 from .scoring import check_evaluate_reply, task_score
 from .seeds import derive_seed
 from .server_privacy import server_privacy
-from .validation import EvalScore, Rejected, TrainUpdate, check_train_reply
+from .validation import EvalScore, Rejected, TrainUpdate, check_train_reply, reply_records
 
 
 class StageFailed(RuntimeError):
@@ -385,12 +385,7 @@ class StageWise(Strategy):
         """The reply's update, fit to aggregate; Rejected says why not."""
         if node not in self._train_nodes:
             raise Rejected("not asked to train in this stage")
-        if reply.has_error():
-            raise Rejected(f"error reply ({reply.error.reason})")
-        arrays_record = record(reply.content, "arrays", ArrayRecord)
-        metrics = record(reply.content, "metrics", MetricRecord)
-        if arrays_record is None or metrics is None:
-            raise Rejected("reply lacks the 'arrays' or 'metrics' record")
+        arrays_record, metrics = reply_records(reply, ("arrays", ArrayRecord), ("metrics", MetricRecord))
         try:
             arrays = unpack(arrays_record, self.config.transport_dtype)
         except Exception as err:  # a malformed payload from one node must not crash the server

@@ -185,6 +185,16 @@ def test_error_replies_and_strangers_are_rejected():
     assert "not asked to train" in stage.strategy.outcome.rejected[1]
 
 
+def test_a_reply_without_its_records_is_rejected_naming_each_missing_one():
+    stage = _Stage()
+    no_metrics = stage.reply(1)
+    del no_metrics.content["metrics"]
+    empty = Message(RecordDict({}), reply_to=stage.messages[2])
+    assert not stage.strategy.accept_train_reply(no_metrics) and not stage.strategy.accept_train_reply(empty)
+    assert stage.strategy.outcome.rejected == ["node 1: reply lacks the 'metrics' record",
+                                               "node 2: reply lacks the 'arrays' and 'metrics' records"]
+
+
 def test_an_error_reply_from_the_superlink_counts_for_the_node_it_was_sent_to():
     stage = _Stage()
     unavailable = Message(Error(code=0, reason="Node unavailable"), reply_to=stage.messages[2])
