@@ -3,7 +3,8 @@
 ``ask_cards`` asks every connected node for its task card and admits the valid ones. ``stream``
 pushes a stage's messages, pulls the replies as they arrive, hands each to the strategy's
 ``accept`` (validate and fold: one reply's arrays in memory at a time) and stops at the target
-count or the timeout. ``sender`` says which node a reply answers for. A strategy decides what to
+count or the timeout. ``sender`` says which node a reply answers for; ``reply_records`` reads a
+reply's records, refusing an error reply or one that lacks them. A strategy decides what to
 send, to whom and how replies become the next base (``strategy.StageWise``).
 """
 
@@ -19,7 +20,8 @@ from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 from .data import TaskCard
-from .validation import Rejected, admit_cards, parse_card, reply_records
+from .messages import record
+from .validation import Rejected, admit_cards, parse_card
 
 # Seconds between pulls while waiting for replies: short right after a reply (the in-memory
 # simulation grid answers at once), backing off to PULL_MAX so that a deployed SuperLink is
@@ -41,6 +43,18 @@ def card_queries(grid: Grid, image_size: int) -> list[Message]:
     """One query per connected node, in node order."""
     return [Message(RecordDict({"config": ConfigRecord({"image-size": image_size})}), dst_node_id=node,
                     message_type=MessageType.QUERY) for node in sorted(grid.get_node_ids())]
+
+
+def reply_records(reply: Message, *wanted: tuple[str, type]) -> list:
+    """The ``(name, record type)`` records of a node's reply, in order; Rejected if the reply is an
+    error reply or lacks one of them (task cards, train and evaluate replies are all read through here)."""
+    if reply.has_error():
+        raise Rejected(f"error reply ({reply.error.reason})")
+    found = [record(reply.content, name, kind) for name, kind in wanted]
+    missing = [f"'{name}'" for (name, _), value in zip(wanted, found) if value is None]
+    if missing:
+        raise Rejected(f"reply lacks the {' and '.join(missing)} record{'s' if len(missing) > 1 else ''}")
+    return found
 
 
 def ask_cards(grid: Grid, queries: list[Message], timeout: float) -> dict[int, TaskCard]:

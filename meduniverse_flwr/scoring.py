@@ -10,7 +10,8 @@ from __future__ import annotations
 from flwr.app import Message, MetricRecord
 
 from .data import TaskCard
-from .validation import EvalScore, Rejected, check_eval_reply, reply_records
+from .driver import reply_records
+from .validation import EvalScore, Rejected, check_eval_reply
 
 
 def check_evaluate_reply(reply: Message, card: TaskCard | None, eval_split: str) -> EvalScore:

@@ -48,7 +48,7 @@ from .schedule import arrival_order, arrivals, trained_by
 from .scoring import check_evaluate_reply, task_score
 from .seeds import derive_seed
 from .server_privacy import server_privacy
-from .validation import EvalScore, Rejected, TrainUpdate, check_train_reply, reply_records
+from .validation import EvalScore, Rejected, TrainUpdate, check_train_reply
 
 
 class StageFailed(RuntimeError):
@@ -385,7 +385,7 @@ class StageWise(Strategy):
         """The reply's update, fit to aggregate; Rejected says why not."""
         if node not in self._train_nodes:
             raise Rejected("not asked to train in this stage")
-        arrays_record, metrics = reply_records(reply, ("arrays", ArrayRecord), ("metrics", MetricRecord))
+        arrays_record, metrics = driver.reply_records(reply, ("arrays", ArrayRecord), ("metrics", MetricRecord))
         try:
             arrays = unpack(arrays_record, self.config.transport_dtype)
         except Exception as err:  # a malformed payload from one node must not crash the server

@@ -30,12 +30,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Message
 
 from .aggregation import Arrays, array_norm, check_update, clip_update, relative_update_norm
 from .data import TaskCard
 from .bounds import CLASS_RANGE, MAX_TEXT_LENGTH, is_card_text
-from .messages import record
 from .metrics import LABEL_KINDS
 from .registry import ON_EXCESS
 
@@ -71,18 +69,6 @@ class Rejected(ValueError):
     def __init__(self, reason: str) -> None:
         line = _one_line(reason)
         super().__init__(line if len(line) <= MAX_REASON_LENGTH else line[: MAX_REASON_LENGTH - 3] + "...")
-
-
-def reply_records(reply: Message, *wanted: tuple[str, type]) -> list:
-    """The ``(name, record type)`` records of a node's reply, in order; Rejected if the reply is an
-    error reply or lacks one of them (every kind of reply is read through here)."""
-    if reply.has_error():
-        raise Rejected(f"error reply ({reply.error.reason})")
-    found = [record(reply.content, name, kind) for name, kind in wanted]
-    missing = [f"'{name}'" for (name, _), value in zip(wanted, found) if value is None]
-    if missing:
-        raise Rejected(f"reply lacks the {' and '.join(missing)} record{'s' if len(missing) > 1 else ''}")
-    return found
 
 
 @dataclass(frozen=True, eq=False)  # eq would compare arrays element-wise
