@@ -14,7 +14,7 @@ from typing import Any
 from . import stats
 from .arrival_runs import (RANDOM_INIT, ArrivalRun, arm_order, arrival_stages, find_reference, level_label,
                            level_order)
-from .validation import safe_label
+from .text import safe_label
 
 METRICS = ("accuracy", "auc")
 POINTS = 100.0

@@ -35,7 +35,7 @@ from .files import write_json_atomic, write_text_atomic
 from .plots import pyplot, save_figure
 from .report_markdown import escape_md, md_table, p_cell
 from .run_finder import default_out, find_runs, parse_report_args
-from .validation import safe_label
+from .text import safe_label
 
 CLASSES_SHOWN = 6
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from .config import declared_defaults
 from .results import config_value, read_results
-from .validation import safe_label
+from .text import safe_label
 
 RANDOM_INIT = "random init"
 CLIENT_RECIPE = ("client-lr", "client-layer-decay", "client-head-epochs")

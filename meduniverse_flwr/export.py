@@ -26,7 +26,7 @@ from .files import write_atomic, write_json_atomic, write_text_atomic
 from .model import create_model, read_tensors
 from .registry import DP_LEVELS, INPUT_NORMS, MODELS, TIMM_VIT_PREFIX
 from .results import config_value, read_results
-from .validation import safe_label
+from .text import safe_label
 
 # timm registered names with the project's widths and depths; vit-micro is vit_tiny narrowed by model_args
 ARCHITECTURES = {"vit-micro": "vit_tiny_patch16_224", "vit-tiny": "vit_tiny_patch16_224",

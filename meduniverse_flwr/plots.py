@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from .files import write_atomic
-from .validation import safe_label
+from .text import safe_label
 
 
 def pyplot():

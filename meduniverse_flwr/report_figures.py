@@ -10,7 +10,7 @@ from pathlib import Path
 from . import stats
 from .plots import pyplot, save_figure
 from .report_groups import Group, breaks_privacy, final_epsilons, group_label
-from .validation import safe_label
+from .text import safe_label
 
 
 def plot_gain_over_seeds(groups: dict[stats.GroupKey, Group], num_stages: int, path: Path) -> None:

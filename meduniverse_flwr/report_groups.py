@@ -15,7 +15,7 @@ from . import stats
 from .config import declared_defaults, split_list
 from .registry import STRATEGIES
 from .results import config_value, read_results
-from .validation import safe_label
+from .text import safe_label
 
 # keys that may differ between the runs of one group without making them different experiments
 SAME_EXPERIMENT_KEYS = ("seed", "output-dir", "resume-from", "device", "stage-timeout", "tracker", "num-stages")

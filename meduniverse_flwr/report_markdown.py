@@ -6,7 +6,7 @@ from __future__ import annotations
 from . import stats
 from .registry import STRATEGIES
 from .report_groups import Group, Run, final_epsilons, group_label, strategy_label, variant_of
-from .validation import safe_label
+from .text import safe_label
 
 
 def escape_md(text: str) -> str:

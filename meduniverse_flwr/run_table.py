@@ -8,7 +8,7 @@ from typing import Any
 
 from .results import summarize
 from .tracking import MLFLOW_POINTER, TENSORBOARD_DIR, read_pointer
-from .validation import safe_label
+from .text import safe_label
 
 Column = tuple[str, list[str]]
 

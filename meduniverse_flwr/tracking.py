@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from . import registry
 from .files import write_json_atomic
+from .text import safe_label
 
 INSTALL_HINT = "pip install 'meduniverse-flwr[tracking]'"
 DEFAULT_EXPERIMENT = "meduniverse"
@@ -187,8 +188,6 @@ def mlflow_tracker(run_dir: Path, run_config: dict[str, Any], run_name: str) -> 
                                    tags={"run_dir": str(run_dir.resolve())}).info.run_id
         write_json_atomic(pointer_path, {"tracking_uri": uri, "experiment_id": experiment_id, "run_id": run_id})
         if problem:  # a resumed run's metrics now go to two MLflow runs: say so, once
-            from .validation import safe_label  # here: validation imports torch, which tracking otherwise never needs
-
             logger.warning("tracking: cannot resume the MLflow run of %s (%s): started a new run %s",
                            safe_label(str(pointer_path)), safe_label(problem), run_id)
     # MLflow refuses to change a logged param: a resumed run (resume-from, num-stages, ...) keeps the first values

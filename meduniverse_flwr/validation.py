@@ -12,8 +12,6 @@ Pure functions on plain values (Mappings, numpy arrays, ``TaskCard``); no Flower
   arrays that fit the base, a weight within the node's card, an update no larger than
   ``max_update_ratio`` times the base (rejected or clipped beyond), optional metrics bounded.
 - ``check_eval_reply(metrics, card, split) -> EvalScore``: accuracy and AUC in [0, 1], n-scored as on the card.
-- ``safe_label(text)``: a node-supplied string made safe for a log line or a matplotlib label.
-- ``quote(value)``: any value as a short one-line repr, for reasons.
 
 Integers on a card must be real ``int`` (not bool, float or str); metrics may carry a
 count as an integral float (metric records hold ints and floats alike).
@@ -23,7 +21,6 @@ from __future__ import annotations
 
 import math
 import re
-import reprlib
 import sys
 from collections import defaultdict
 from collections.abc import Mapping
@@ -36,6 +33,7 @@ from .data import TaskCard
 from .bounds import CLASS_RANGE, MAX_TEXT_LENGTH, is_card_text
 from .metrics import LABEL_KINDS
 from .registry import ON_EXCESS
+from .text import one_line, quote
 
 # n-train / n-test / num-examples: past the largest medical image collections (a few million);
 # a larger claim only serves to dominate the example-weighted mean.
@@ -49,25 +47,18 @@ CARD_FIELDS = ("name", "modality", "n-classes", "label-kind", "n-train", "n-test
 # Fields a card may leave out: "classes", the class names in label order (n-classes of them, each
 # bounded as the modality is: they reach log lines and plots too).
 OPTIONAL_CARD_FIELDS = ("classes",)
-# A quoted value in a reason: enough to recognise it, never a flood.
-QUOTE_LENGTH = 40
 # A reason is one log line.
 MAX_REASON_LENGTH = 200
 
 # Upper bound of unbounded optional metrics (loss, seconds): a larger int has no float value.
 _FLOAT_MAX = sys.float_info.max
-_LABEL_ESCAPES = {"\\": "\\\\", "$": "\\$"}
-
-_repr = reprlib.Repr()  # repr that cuts long strings, numbers and containers short before building them
-_repr.maxstring = _repr.maxlong = _repr.maxother = QUOTE_LENGTH
-_repr.maxlist = _repr.maxtuple = _repr.maxdict = _repr.maxset = _repr.maxfrozenset = 3
 
 
 class Rejected(ValueError):
     """What a node sent cannot be used; ``str(err)`` is a one-line reason, safe to log as is."""
 
     def __init__(self, reason: str) -> None:
-        line = _one_line(reason)
+        line = one_line(reason)
         super().__init__(line if len(line) <= MAX_REASON_LENGTH else line[: MAX_REASON_LENGTH - 3] + "...")
 
 
@@ -97,25 +88,6 @@ class EvalScore:
     auc: float | None  # None: undefined on the node's scored split (a class is absent)
     n_scored: int  # examples scored: the card's count of the split asked for
     site_epsilon: float | None = None  # what a site with a privacy floor says it has spent (site_ledger.py)
-
-
-def quote(value: object) -> str:
-    """``repr(value)`` on one line and at most ``QUOTE_LENGTH`` characters, for any value."""
-    try:
-        text = _one_line(_repr.repr(value))
-    except Exception:  # e.g. an int past Python's digit limit, or a repr that raises
-        text = f"<{type(value).__name__}>"
-    return text if len(text) <= QUOTE_LENGTH else text[: QUOTE_LENGTH - 3] + "..."
-
-
-def safe_label(text: str) -> str:
-    """``text`` from a node, safe for a log line and a matplotlib label.
-
-    Non-printable characters (newlines, ANSI escapes, bidi overrides, lone surrogates) become
-    their escape sequences; ``\\`` and ``$`` are backslash-escaped, so the result never starts
-    mathtext (matplotlib shows ``\\$`` as ``$``) and the escaping cannot be forged.
-    """
-    return "".join(_LABEL_ESCAPES.get(ch, ch) if ch.isprintable() else _escape(ch) for ch in text)
 
 
 def parse_card(record: Mapping[str, object]) -> TaskCard:
@@ -227,15 +199,6 @@ def check_eval_reply(metrics: Mapping[str, object], card: TaskCard, eval_split: 
     expected = card.n_val if eval_split == "val" else card.n_test
     n_scored = _whole_number(metrics.get("n-scored"), "n-scored", expected, expected)
     return EvalScore(accuracy, auc, n_scored, _optional(metrics, "site-epsilon", _FLOAT_MAX))
-
-
-def _one_line(text: str) -> str:
-    """``text`` with its non-printable characters escaped (newlines, ANSI codes, ...)."""
-    return text if text.isprintable() else "".join(ch if ch.isprintable() else _escape(ch) for ch in text)
-
-
-def _escape(ch: str) -> str:
-    return ch.encode("unicode_escape").decode("ascii")  # "\n" -> "\\n", "\x1b" -> "\\x1b"
 
 
 def _require_record(value: object, what: str) -> None:

@@ -29,16 +29,14 @@ from meduniverse_flwr.validation import (
     MAX_NAME_LENGTH,
     MAX_REASON_LENGTH,
     ON_EXCESS,
-    QUOTE_LENGTH,
     EvalScore,
     Rejected,
     admit_cards,
     check_eval_reply,
     check_train_reply,
     parse_card,
-    quote,
-    safe_label,
 )
+from meduniverse_flwr.text import QUOTE_LENGTH, quote, safe_label
 
 # Deterministic (the same examples for the same commit, in CI too) and no example database in the checkout.
 PROPERTY = settings(max_examples=300, deadline=None, derandomize=True, database=None)
