@@ -259,8 +259,8 @@ def report_paths(paths: list[Path], out: Path | None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_report_args("python -m meduniverse_flwr.arrival_report", __doc__,
-                                    "where report.md, fig3_gain.png and arrival.json go (default: report/ in the "
-                                    "runs' common parent)", argv)
+                             "where report.md, fig3_gain.png and arrival.json go (default: report/ in the "
+                             "runs' common parent)", argv)
     return report_paths(args.paths, args.out)
 
 

@@ -21,6 +21,8 @@ def default_run_config() -> dict:
 # Tests whose subject is the arrival protocol set its keys themselves (tests/test_arrival.py).
 EVERY_STAGE = {"schedule": "every-stage", "clients-per-stage": 4, "aggregation": "weighted", "client-lr": 0.001,
                "client-layer-decay": 1.0, "eval-mode": "linear-probe", "eval-epochs": 1, "eval-labels": 0}
+
+
 def with_every_stage(run_config: str, *set_later: str) -> str:
     """`flwr run --run-config` text with EVERY_STAGE's keys that it does not set itself (nor ``set_later``
     by the text appended to it)."""
