@@ -13,10 +13,10 @@ import time
 import numpy as np
 import torch
 
-from meduniverse_flwr.augment import augmented
-from meduniverse_flwr.data import TaskData, to_image_tensor
-from meduniverse_flwr.model import create_model
-from meduniverse_flwr.task import TrainSettings, fit
+from meduniverse_flwr.data.node_task import TaskData, to_image_tensor
+from meduniverse_flwr.learn.augment import augmented
+from meduniverse_flwr.learn.finetune import TrainSettings, fit
+from meduniverse_flwr.learn.model import create_model
 
 BATCH = 64
 

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from meduniverse_flwr.data import TaskData, to_image_tensor
-from meduniverse_flwr.model import create_model
-from meduniverse_flwr.task import TrainSettings, fit
+from meduniverse_flwr.data.node_task import TaskData, to_image_tensor
+from meduniverse_flwr.learn.finetune import TrainSettings, fit
+from meduniverse_flwr.learn.model import create_model
 
 BATCH = 64
 

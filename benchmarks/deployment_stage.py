@@ -37,15 +37,15 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import ArrayRecord
-from PIL import Image
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-from simulation.flower import finish_flwr_run, free_port, run_status, start_flwr_run
+from PIL import Image
 
 from deploy.launch import LOCAL_CONNECTION, LocalDeployment
 from meduniverse_flwr.data.embedded import load_embedded
 from meduniverse_flwr.data.medmnist import FLAGS, medmnist_path
-from meduniverse_flwr.messages import pack
-from meduniverse_flwr.model import create_backbone
+from meduniverse_flwr.learn.model import create_backbone
+from meduniverse_flwr.wire.messages import pack
+from simulation.flower import finish_flwr_run, free_port, run_status, start_flwr_run
 
 SYNTHETIC = "pneumoniamnist,bloodmnist,organamnist"  # 2, 8 and 11 classes; gray and RGB
 RGB = {"bloodmnist", "pathmnist", "dermamnist", "retinamnist"}
@@ -136,7 +136,7 @@ def breakdown(messages: list[dict]) -> dict[str, dict[str, float]]:
             for kind, phases in table.items()}
 
 
-LOAD = ("import sys, time; from meduniverse_flwr.data import DataOptions, load_node_task; t = time.perf_counter(); "
+LOAD = ("import sys, time; from meduniverse_flwr.data.node_task import DataOptions, load_node_task; t = time.perf_counter(); "
         "load_node_task(sys.argv[1], 0, 1, DataOptions(root=sys.argv[2])); print(time.perf_counter() - t)")
 
 
@@ -227,7 +227,7 @@ def main() -> None:
             clock.join()
             link.stop()
         node_env = {**link.env, "OMP_NUM_THREADS": "1"}
-        load = (f"from meduniverse_flwr.data import DataOptions, load_node_task; "
+        load = (f"from meduniverse_flwr.data.node_task import DataOptions, load_node_task; "
                 f"load_node_task({datasets[0]!r}, 0, 1, DataOptions(root={str(root / 'data')!r}))")
         alone = {"flwr-clientapp imports": timed("import flwr.supernode.cli.flwr_clientapp", node_env),
                  "ClientApp module imports": timed("import meduniverse_flwr.client_app", node_env),

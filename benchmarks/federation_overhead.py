@@ -22,12 +22,14 @@ from pathlib import Path
 
 import torch
 
-from meduniverse_flwr.aggregation import RunningAggregate, mix
 from meduniverse_flwr.config import RunConfig
-from meduniverse_flwr.data import load_node_task, options_from
-from meduniverse_flwr.model import create_backbone, embed_dim, new_head_state
-from meduniverse_flwr.seeds import derive_seed
-from meduniverse_flwr.task import TrainSettings, evaluate_base, train_on_task
+from meduniverse_flwr.data.node_task import load_node_task
+from meduniverse_flwr.data.options import options_from
+from meduniverse_flwr.learn.evaluate import evaluate_base
+from meduniverse_flwr.learn.finetune import TrainSettings, train_on_task
+from meduniverse_flwr.learn.model import create_backbone, embed_dim, new_head_state
+from meduniverse_flwr.server.aggregation import RunningAggregate, mix
+from meduniverse_flwr.wire.seeds import derive_seed
 from simulation.flower import flwr_run, local_superlink, run_status
 
 

@@ -28,11 +28,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from meduniverse_flwr.data import NodeTask, TaskCard, TaskData
-from meduniverse_flwr.model import create_backbone, create_model, embed_dim, new_head_state
-from meduniverse_flwr.pretrain import PretrainSettings, pretrain
-from meduniverse_flwr.task import (EVAL_PROTOCOLS, TrainSettings, autocast, evaluate_base, fit, resolve_device,
-                                   train_on_task)
+from meduniverse_flwr.data.node_task import NodeTask, TaskData
+from meduniverse_flwr.learn.evaluate import evaluate_base
+from meduniverse_flwr.learn.finetune import EVAL_PROTOCOLS, TrainSettings, autocast, fit, resolve_device, train_on_task
+from meduniverse_flwr.learn.model import (
+    create_backbone,
+    create_model,
+    embed_dim,
+    new_head_state,
+)
+from meduniverse_flwr.server.pretrain import PretrainSettings, pretrain
+from meduniverse_flwr.wire.card import TaskCard
 
 CLASSES = 8
 

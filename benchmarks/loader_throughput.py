@@ -14,10 +14,10 @@ import time
 import numpy as np
 import torch
 
-from meduniverse_flwr.data import to_image_tensor
-from meduniverse_flwr.model import create_model
-from meduniverse_flwr.augment import random_flip
-from meduniverse_flwr.task import task_loss, to_input
+from meduniverse_flwr.data.node_task import to_image_tensor
+from meduniverse_flwr.learn.augment import random_flip
+from meduniverse_flwr.learn.finetune import task_loss, to_input
+from meduniverse_flwr.learn.model import create_model
 
 BATCH = 64
 

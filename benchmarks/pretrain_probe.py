@@ -19,11 +19,13 @@ import torch
 from safetensors.torch import load_file
 
 from meduniverse_flwr.config import RunConfig
-from meduniverse_flwr.data import load_node_task, options_from
 from meduniverse_flwr.data.corpus import load_corpus
-from meduniverse_flwr.model import create_backbone
-from meduniverse_flwr.pretrain import PretrainSettings, pretrain
-from meduniverse_flwr.task import TrainSettings, evaluate_base
+from meduniverse_flwr.data.node_task import load_node_task
+from meduniverse_flwr.data.options import options_from
+from meduniverse_flwr.learn.evaluate import evaluate_base
+from meduniverse_flwr.learn.finetune import TrainSettings
+from meduniverse_flwr.learn.model import create_backbone
+from meduniverse_flwr.server.pretrain import PretrainSettings, pretrain
 
 
 def main() -> None:

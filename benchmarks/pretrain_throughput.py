@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from meduniverse_flwr.model import create_backbone
-from meduniverse_flwr.pretrain import PretrainSettings, build_mim, random_masking
+from meduniverse_flwr.learn.model import create_backbone
+from meduniverse_flwr.server.pretrain import PretrainSettings, build_mim, random_masking
 
 
 def images_per_second(method: str, model: str, image_size: int, batch_size: int, steps: int,

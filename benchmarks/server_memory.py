@@ -37,10 +37,10 @@ def one_stage(k: int, model: str, image_size: int, rule: str) -> None:
     from flwr.supercore.task_identity import TaskIdentity
 
     from meduniverse_flwr.config import RunConfig
-    from meduniverse_flwr.data import TaskCard
-    from meduniverse_flwr.messages import pack
-    from meduniverse_flwr.model import create_backbone
-    from meduniverse_flwr.strategy import StageWise
+    from meduniverse_flwr.learn.model import create_backbone
+    from meduniverse_flwr.server.strategy.stagewise import StageWise
+    from meduniverse_flwr.wire.card import TaskCard
+    from meduniverse_flwr.wire.messages import pack
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
     base = ArrayRecord(create_backbone(model, image_size).state_dict())
@@ -105,8 +105,8 @@ def fold_cost(model: str, image_size: int, repeats: int = 5, clock=time.perf_cou
     """Seconds to fold one reply into a ``RunningAggregate`` and to add its float32 arrays with NumPy,
     both on one thread (NumPy's element-wise ufuncs do not spawn threads); ``clock=time.process_time``
     counts only this process's CPU time, for a machine that other jobs share."""
-    from meduniverse_flwr.aggregation import RunningAggregate
-    from meduniverse_flwr.model import create_backbone
+    from meduniverse_flwr.learn.model import create_backbone
+    from meduniverse_flwr.server.aggregation import RunningAggregate
 
     shapes = {n: tuple(t.shape) for n, t in create_backbone(model, image_size).state_dict().items()}
     rng = np.random.default_rng(0)
@@ -136,7 +136,7 @@ def main() -> None:
     if args.child:
         one_stage(args.child, args.model, args.image_size, args.rules)
         return
-    from meduniverse_flwr.model import create_backbone
+    from meduniverse_flwr.learn.model import create_backbone
 
     backbone_mb = sum(t.numel() * 4 for t in create_backbone(args.model, args.image_size).state_dict().values()) / 2**20
     for rule in args.rules.split(","):

@@ -34,7 +34,14 @@ from pathlib import Path
 
 from deploy.command_line import node_config_string, require_tls
 from deploy.errors import LaunchError, existing
-from deploy.flwr_cli import BIN, flower_env, register, supernodes, wait_for_superlink, write_connection
+from deploy.flwr_cli import (
+    BIN,
+    flower_env,
+    register,
+    supernodes,
+    wait_for_superlink,
+    write_connection,
+)
 from deploy.make_certs import make_certs
 from deploy.processes import start, stop, stop_recorded, write_pid_file
 from meduniverse_flwr.registry import DEVICES
@@ -71,7 +78,7 @@ def supernode_command(superlink: str, dataset: str, data_root: str, port: int,
                       site: Mapping[str, object] | None = None) -> list[str]:
     """``flower-supernode`` for one site: it trusts only ``ca``, signs in with its private ``key``
     and reads only its own ``dataset`` under ``data_root``; ``site`` holds its other node-config
-    keys (``meduniverse_flwr.site.SITE_KEYS``: cache dir, download, device, privacy floor)."""
+    keys (``meduniverse_flwr.node.site.SITE_KEYS``: cache dir, download, device, privacy floor)."""
     require_tls(ca is not None, insecure, "supernode")
     node_config = node_config_string({"dataset": dataset, "data-root": data_root, **(site or {})})
     command = [str(BIN / "flower-supernode"), "--superlink", superlink, "--host", "127.0.0.1",
@@ -174,7 +181,7 @@ class LocalDeployment:
         (self.dir / "pids.json").unlink(missing_ok=True)
 
 
-# the node-config keys beyond dataset / data-root (meduniverse_flwr.site.SITE_KEYS), one flag each
+# the node-config keys beyond dataset / data-root (meduniverse_flwr.node.site.SITE_KEYS), one flag each
 SITE_FLAGS = ("cache-dir", "download", "skip-unreadable", "device", "require-dp", "max-epsilon",
               "max-epsilon-delta")
 
@@ -298,7 +305,9 @@ def main(argv: list[str] | None = None) -> None:
                                         args.key, args.insecure, _site_settings(args))
             os.execve(command[0], command, supernode_env(flower_env()))
         elif args.command == "check":
-            from deploy import preflight  # torch and the data loaders: only `check` needs them
+            from deploy import (
+                preflight,  # torch and the data loaders: only `check` needs them
+            )
 
             _node_config_file(args)
             sys.exit(preflight.check(args.superlink, args.dataset, args.data_root, args.ca, args.key,

@@ -24,12 +24,13 @@ from PIL import Image, UnidentifiedImageError
 from deploy.command_line import node_config_string, require_tls
 from deploy.errors import LaunchError
 from meduniverse_flwr.config import ConfigError, RunConfig
-from meduniverse_flwr.data import NodeTask, load_node_task, parse_entry, site_paths
 from meduniverse_flwr.data.dicom import GRAYSCALE
 from meduniverse_flwr.data.folder import read_class_folders, read_labels_csv
+from meduniverse_flwr.data.node_task import NodeTask, load_node_task, parse_entry
 from meduniverse_flwr.data.npz import DataError
-from meduniverse_flwr.site import Site, site_from
-from meduniverse_flwr.site_ledger import Refused, ledger_path, read_ledger, spent
+from meduniverse_flwr.data.sources import site_paths
+from meduniverse_flwr.node.ledger import Refused, ledger_path, read_ledger, spent
+from meduniverse_flwr.node.site import Site, site_from
 
 TIMEOUT_S = 10
 

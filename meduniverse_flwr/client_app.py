@@ -1,4 +1,4 @@
-"""ClientApp: a hospital's node. Thin: Flower messages in, plain calls into ``task``, messages out.
+"""ClientApp: a hospital's node. Thin: Flower messages in, plain calls into ``learn.finetune``, messages out.
 
 ``query``    -> the node's task card (never its data)
 ``train``    -> fine-tune base + fresh head on the local train split, reply with the backbone only
@@ -11,10 +11,10 @@ own backbone). So is a strategy's term in the training loss (``node-term``: FedP
 server code is imported here.
 
 What the node reads, writes, fetches and runs on, and the privacy it may spend, are the site's:
-its node config (``site.py``; in simulation the simulation plays the sites). From the run config
+its node config (``node/site.py``; in simulation the simulation plays the sites). From the run config
 it reads only how the run splits its data (``config.NODE_DATA_KEYS``); everything else, model
 and arrays' encoding included, comes in each message's ``config`` record. A site with a privacy
-floor refuses a train message that breaks it, with a one-line error reply (``site_ledger.py``).
+floor refuses a train message that breaks it, with a one-line error reply (``node/ledger.py``).
 This app has no attack path: hostile nodes for experiments are ``simulation/hostile_app.py``.
 """
 
@@ -23,16 +23,24 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
-from .config import read_keys
-from .data import NodeTask, load_node_task
-from .messages import Instructions, pack, record, unpack_torch
-from .model import split_state
-from .site import Site, site_from
-from .site_ledger import charge, site_epsilon
-from .task import evaluate_base, train_on_task
+from meduniverse_flwr.config import read_keys
+from meduniverse_flwr.data.node_task import NodeTask, load_node_task
+from meduniverse_flwr.learn.evaluate import evaluate_base
+from meduniverse_flwr.learn.finetune import settings_for, train_on_task
+from meduniverse_flwr.learn.model import split_state, to_arrays, to_tensors
+from meduniverse_flwr.node.ledger import charge, site_epsilon
+from meduniverse_flwr.node.site import Site, site_from
+from meduniverse_flwr.wire.messages import Instructions, pack, record, unpack
 
 app = ClientApp()
 KEPT = "meduniverse-kept"  # the context.state record of what the node keeps
@@ -82,12 +90,12 @@ def train(message: Message, context: Context) -> Message:
         charge(site, task.card.name, len(task.train), sent.dp, sent.dp_noise_multiplier, sent.dp_secure_noise,
                sent.batch_size, sent.epochs + sent.head_epochs)
     keeps = sent.node_keeps
-    state = kept_state(context, keeps, unpack_torch(_record(message, "arrays", ArrayRecord), sent.transport_dtype))
-    backbone, head, metrics = train_on_task(sent.model, sent.image_size, task, state, sent.train_settings(),
+    state = kept_state(context, keeps, to_tensors(unpack(_record(message, "arrays", ArrayRecord), sent.transport_dtype)))
+    backbone, head, metrics = train_on_task(sent.model, sent.image_size, task, state, settings_for(sent),
                                             validate=sent.node_metrics)
     if keeps != "nothing":
         context.state[KEPT] = ArrayRecord(head if keeps == "head" else {**backbone, **head})
-    content = RecordDict({"arrays": pack(backbone, sent.transport_dtype), "metrics": MetricRecord(metrics)})
+    content = RecordDict({"arrays": pack(to_arrays(backbone), sent.transport_dtype), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=message)
 
 
@@ -96,10 +104,10 @@ def evaluate(message: Message, context: Context) -> Message:
     site = site_from(context.node_config, context.run_config)
     sent = instructions(message, site)
     task = node_task(context, site, sent.image_size)
-    backbone = unpack_torch(_record(message, "arrays", ArrayRecord), sent.transport_dtype)
+    backbone = to_tensors(unpack(_record(message, "arrays", ArrayRecord), sent.transport_dtype))
     if sent.node_keeps == "model":  # scored on its own backbone, once it has one
         backbone = kept_state(context, "model", backbone)
-    metrics = evaluate_base(sent.model, sent.image_size, task, backbone, sent.eval_mode, sent.train_settings())
+    metrics = evaluate_base(sent.model, sent.image_size, task, backbone, sent.eval_mode, settings_for(sent))
     if site.has_floor:  # what the site's own ledger says it has spent, beside the server's account
         metrics["site-epsilon"] = site_epsilon(site, task.card.name)
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)

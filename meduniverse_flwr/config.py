@@ -24,10 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import registry
-from .aggregation import RULES
-from .schedule import SCHEDULES
-from .transport import TRANSPORT_DTYPES
+from meduniverse_flwr import registry
+from meduniverse_flwr.wire.transport import TRANSPORT_DTYPES
 
 # the source tree's declaration; an installed wheel carries a copy in the package (a site's lean install)
 _TREE = Path(__file__).resolve().parents[1] / "pyproject.toml"
@@ -226,7 +224,7 @@ def _one_of(choices: Iterable[str]) -> Check:
 CHECKS: dict[str, Check] = {
     "strategy": _one_of(registry.STRATEGIES),
     "proximal-mu": _at_least(0),
-    "schedule": _one_of(SCHEDULES),
+    "schedule": _one_of(registry.SCHEDULES),
     "num-stages": _at_least(0),
     "clients-per-stage": _at_least(1),
     "local-epochs": _at_least(1),
@@ -240,7 +238,7 @@ CHECKS: dict[str, Check] = {
     "datasets": _rule(lambda value: len(value) >= 1, "must name at least one dataset"),
     "partition": _one_of(registry.PARTITIONS),
     "dirichlet-alpha": _rule(lambda value: value > 0, "must be > 0"),
-    "aggregation": _one_of(RULES),
+    "aggregation": _one_of(registry.AGGREGATIONS),
     "trim-fraction": _rule(lambda value: 0.0 <= value < 0.5, "must be in [0, 0.5)"),
     "server-mix": _rule(lambda value: 0.0 < value <= 1.0, "must be in (0, 1]"),
     "merge-density": _rule(lambda value: 0.0 < value <= 1.0, "must be in (0, 1] (the share of each task vector kept)"),

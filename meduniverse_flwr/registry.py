@@ -8,8 +8,10 @@ by ``resolve`` only where it runs (Hydra's ``_target_``; timm registers a model 
 the same way). So ``config`` checks every choice, and ``report`` reads every fact, without
 importing model code; and a variant is one module plus one line here.
 
-Registries whose code needs only NumPy stay beside it: ``aggregation.RULES``,
-``schedule.SCHEDULES``, ``transport.TRANSPORT_DTYPES``.
+The aggregation rules are named here (``AGGREGATIONS``) and built beside their NumPy code
+(``server.aggregation.RULES``, the same names: ``tests/test_registries.py``), so that ``config``
+checks a choice without importing server code. The transport dtypes live with the wire
+(``wire.transport.TRANSPORT_DTYPES``), which both sides import.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ PACKAGE = "meduniverse_flwr"
 
 
 def resolve(target: str) -> Any:
-    """``"meduniverse_flwr.strategy:StageWise"`` -> the object; only this package's modules."""
+    """``"meduniverse_flwr.server.strategy.stagewise:StageWise"`` -> the object; only this package's modules."""
     module, _, attribute = target.partition(":")
     if not (module == PACKAGE or module.startswith(PACKAGE + ".")) or not attribute:
         raise ValueError(f"registry target {target!r}: not a '{PACKAGE}.<module>:<name>'")
@@ -45,6 +47,10 @@ ON_EXCESS = ("reject", "clip")  # an update above max-update-ratio x the base's 
 NODE_KEEPS = ("nothing", "head", "model")  # what a node keeps between its messages (travels in each)
 # ``schedule = arrival``: after a stage, score only the tasks arriving next (what the arrival gain needs)
 # or every task still to come (the unseen-tasks view); stage 0 scores every task either way
+# Which tasks train in which stage (``schedule``; server.schedule): every stage, or each task once as it arrives.
+SCHEDULES = ("every-stage", "arrival")
+# How a stage's backbones become the next base (``aggregation``; server.aggregation.RULES builds each).
+AGGREGATIONS = ("mean", "weighted", "median", "trimmed-mean", "ties", "distill")
 EVAL_TASKS = ("arriving", "unseen")
 # ``aggregation = distill``: which of each teacher's tokens the student matches (class token, patch mean, all)
 DISTILL_TOKENS = ("cls", "mean", "all")
@@ -52,24 +58,24 @@ DISTILL_TOKENS = ("cls", "mean", "all")
 
 @dataclass(frozen=True)
 class StrategyEntry:
-    target: str  # a ``strategy.StageWise`` (sub)class, built from the RunConfig
+    target: str  # a ``server.strategy.stagewise.StageWise`` (sub)class, built from the RunConfig
     node_keeps: str = "nothing"  # nothing: a fresh head every stage; head: its own head; model: its own model
     dp_levels: tuple[str, ...] = DP_LEVELS  # the ``dp`` levels it supports
-    schedules: tuple[str, ...] = ("every-stage",)  # the ``schedule`` values it supports (schedule.SCHEDULES)
+    schedules: tuple[str, ...] = ("every-stage",)  # the ``schedule`` values it supports (SCHEDULES)
     node_term: str = ""  # a NODE_TERMS entry added to each site's training loss ("" for none)
     breaks_privacy: bool = False  # training data leave the sites (an upper reference, not a federation)
 
 
 # Federation strategies (``strategy``). The comparison strategies each change one thing.
 STRATEGIES: dict[str, StrategyEntry] = {
-    "stagewise": StrategyEntry(f"{PACKAGE}.strategy:StageWise", schedules=("every-stage", "arrival")),
-    "fedavg": StrategyEntry(f"{PACKAGE}.strategy:StageWise", node_keeps="head"),  # FedPer: each node its own head
+    "stagewise": StrategyEntry(f"{PACKAGE}.server.strategy.stagewise:StageWise", schedules=("every-stage", "arrival")),
+    "fedavg": StrategyEntry(f"{PACKAGE}.server.strategy.stagewise:StageWise", node_keeps="head"),  # FedPer: each node its own head
     # Opacus's per-example gradients do not see a term on the parameters, so no DP-SGD with it
-    "fedprox": StrategyEntry(f"{PACKAGE}.strategy:StageWise", node_term="proximal", dp_levels=("off", "site"),
+    "fedprox": StrategyEntry(f"{PACKAGE}.server.strategy.stagewise:StageWise", node_term="proximal", dp_levels=("off", "site"),
                              schedules=("every-stage", "arrival")),
-    "local": StrategyEntry(f"{PACKAGE}.baselines:Local", node_keeps="model", dp_levels=("off", "example")),
-    "cyclic": StrategyEntry(f"{PACKAGE}.baselines:Cyclic", dp_levels=("off", "example")),
-    "centralized": StrategyEntry(f"{PACKAGE}.centralized:Centralized", dp_levels=("off",), breaks_privacy=True),
+    "local": StrategyEntry(f"{PACKAGE}.server.strategy.local:Local", node_keeps="model", dp_levels=("off", "example")),
+    "cyclic": StrategyEntry(f"{PACKAGE}.server.strategy.cyclic:Cyclic", dp_levels=("off", "example")),
+    "centralized": StrategyEntry(f"{PACKAGE}.server.strategy.centralized:Centralized", dp_levels=("off",), breaks_privacy=True),
 }
 
 
@@ -81,7 +87,7 @@ class NodeTerm:
 
 # Terms a strategy adds to each site's training loss (``StrategyEntry.node_term``).
 NODE_TERMS: dict[str, NodeTerm] = {
-    "proximal": NodeTerm(f"{PACKAGE}.fedprox:proximal_term", ("proximal-mu",)),
+    "proximal": NodeTerm(f"{PACKAGE}.learn.fedprox:proximal_term", ("proximal-mu",)),
 }
 
 
@@ -93,8 +99,8 @@ class EvalProtocol:
 
 # How good a base is for one task (``eval-mode``): a fresh head trained on the train split.
 EVAL_PROTOCOLS: dict[str, EvalProtocol] = {
-    "linear-probe": EvalProtocol(f"{PACKAGE}.task:probe_score", "probe-epochs"),
-    "finetune": EvalProtocol(f"{PACKAGE}.task:finetune_score", "eval-epochs"),  # the paper's protocol
+    "linear-probe": EvalProtocol(f"{PACKAGE}.learn.finetune:probe_score", "probe-epochs"),
+    "finetune": EvalProtocol(f"{PACKAGE}.learn.finetune:finetune_score", "eval-epochs"),  # the paper's protocol
 }
 
 
@@ -105,7 +111,7 @@ class ViTSpec:
     num_heads: int
 
 
-# Backbones (``model``), built by ``model.create_model``. tiny / small / base have the widths and
+# Backbones (``model``), built by ``learn.model.create_model``. tiny / small / base have the widths and
 # depths of timm's vit_*_patch16_224; micro is this project's CPU default for 28 px (~0.7 M parameters).
 MODELS: dict[str, ViTSpec] = {
     "vit-micro": ViTSpec(96, 6, 3),
@@ -129,30 +135,30 @@ class DataSource:
 
 # Data sources (``data``, or ``source:spec`` in a ``datasets`` entry).
 SOURCES: dict[str, DataSource] = {
-    "embedded": DataSource(f"{PACKAGE}.data:embedded_source", f"{PACKAGE}.data:embedded_paths", lambda spec: spec),
-    "medmnist": DataSource(f"{PACKAGE}.data:medmnist_source", f"{PACKAGE}.data:medmnist_paths", medmnist_flag),
-    "folder": DataSource(f"{PACKAGE}.data:folder_source", f"{PACKAGE}.data:site_paths",
+    "embedded": DataSource(f"{PACKAGE}.data.sources:embedded_source", f"{PACKAGE}.data.sources:embedded_paths", lambda spec: spec),
+    "medmnist": DataSource(f"{PACKAGE}.data.sources:medmnist_source", f"{PACKAGE}.data.sources:medmnist_paths", medmnist_flag),
+    "folder": DataSource(f"{PACKAGE}.data.sources:folder_source", f"{PACKAGE}.data.sources:site_paths",
                          lambda spec: Path(spec).expanduser().name),
-    "dicom": DataSource(f"{PACKAGE}.data:dicom_source", f"{PACKAGE}.data:site_paths",
+    "dicom": DataSource(f"{PACKAGE}.data.sources:dicom_source", f"{PACKAGE}.data.sources:site_paths",
                         lambda spec: Path(spec).expanduser().name),
-    "npz": DataSource(f"{PACKAGE}.data:npz_source", f"{PACKAGE}.data:npz_paths", lambda spec: Path(spec).stem),
+    "npz": DataSource(f"{PACKAGE}.data.sources:npz_source", f"{PACKAGE}.data.sources:npz_paths", lambda spec: Path(spec).stem),
 }
 
 # How nodes sharing a dataset split it (``partition``): (split, card, split name, shard, n_shards, options) -> indices.
-PARTITIONS: dict[str, str] = {"iid": f"{PACKAGE}.data:iid_partition", "dirichlet": f"{PACKAGE}.data:dirichlet_partition"}
+PARTITIONS: dict[str, str] = {"iid": f"{PACKAGE}.data.partition:iid_partition", "dirichlet": f"{PACKAGE}.data.partition:dirichlet_partition"}
 
 # Server-side masked image modelling (``pretrain``): (encoder, PretrainSettings) -> the MIM model around it.
-PRETRAIN_METHODS: dict[str, str] = {"mae": f"{PACKAGE}.pretrain.models:build_mae",
-                                    "simmim": f"{PACKAGE}.pretrain.models:build_simmim"}
+PRETRAIN_METHODS: dict[str, str] = {"mae": f"{PACKAGE}.server.pretrain.models:build_mae",
+                                    "simmim": f"{PACKAGE}.server.pretrain.models:build_simmim"}
 
 # Curation rules (an ``aggregation`` that trains the next base on the server's unlabelled corpus from the
 # stage's backbones, instead of combining them): (RunConfig, MIM decoder state or None) -> a Curator.
-CURATION_RULES: dict[str, str] = {"distill": f"{PACKAGE}.pretrain.distill:Distiller"}
+CURATION_RULES: dict[str, str] = {"distill": f"{PACKAGE}.server.pretrain.distill:Distiller"}
 
 # Experiment trackers (``tracker``): (run dir, run config, run name) -> a Tracker.
-TRACKERS: dict[str, str] = {"none": f"{PACKAGE}.tracking:no_tracker",
-                            "tensorboard": f"{PACKAGE}.tracking:tensorboard_tracker",
-                            "mlflow": f"{PACKAGE}.tracking:mlflow_tracker"}
+TRACKERS: dict[str, str] = {"none": f"{PACKAGE}.server.tracking:no_tracker",
+                            "tensorboard": f"{PACKAGE}.server.tracking:tensorboard_tracker",
+                            "mlflow": f"{PACKAGE}.server.tracking:mlflow_tracker"}
 
 
 class UnknownSource(ValueError):

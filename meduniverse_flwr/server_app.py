@@ -14,14 +14,19 @@ from flwr.app import ArrayRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from . import registry
-from .config import ConfigError, RunConfig
-from .pretrain.base import ServerBase, checkpoint_backbone, initial_base, server_corpus
-from .pretrain.distill import read_decoder
-from .run_table import format_table, run_files
-from .results import RunOutputs, stage_entry, summarize
-from .strategy import StageFailed, StageWise
-from .tracking import Tracker, open_tracker
+from meduniverse_flwr import registry
+from meduniverse_flwr.config import ConfigError, RunConfig
+from meduniverse_flwr.report.run_table import format_table, run_files
+from meduniverse_flwr.server.pretrain.base import (
+    ServerBase,
+    checkpoint_backbone,
+    initial_base,
+    server_corpus,
+)
+from meduniverse_flwr.server.pretrain.distill import read_decoder
+from meduniverse_flwr.server.results import RunOutputs, stage_entry, summarize
+from meduniverse_flwr.server.strategy.stagewise import StageFailed, StageWise
+from meduniverse_flwr.server.tracking import Tracker
 
 app = ServerApp()
 
@@ -54,7 +59,8 @@ def main(grid: Grid, context: Context) -> None:
         config = RunConfig.from_run_config(context.run_config)
         outputs, base = open_outputs(config, context.run_id)
         log(INFO, "stage-0 base: %s", base.source)
-        tracker = open_tracker(config.tracker, outputs.dir, config.to_run_config(), outputs.dir.name)
+        tracker = registry.resolve(registry.TRACKERS[config.tracker])(outputs.dir, config.to_run_config(),
+                                                                      outputs.dir.name)
     except (ConfigError, ValueError, ImportError) as err:
         log(ERROR, "%s", err)
         raise

@@ -14,11 +14,11 @@ from flwr.app import ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from meduniverse_flwr import client_app
-from meduniverse_flwr.attacks import is_hostile, poisoned
 from meduniverse_flwr.config import NODE_ATTACK_KEYS, read_keys
-from meduniverse_flwr.messages import pack, record, unpack_torch
-from meduniverse_flwr.model import split_state
-from meduniverse_flwr.site import site_from
+from meduniverse_flwr.learn.model import split_state, to_arrays, to_tensors
+from meduniverse_flwr.node.site import site_from
+from meduniverse_flwr.wire.messages import pack, record, unpack
+from simulation.attacks import is_hostile, poisoned
 
 app = ClientApp()
 app.query()(client_app.query)
@@ -31,11 +31,11 @@ def train(message: Message, context: Context) -> Message:
     if not is_hostile(context.node_config, attack["attack_nodes"]):
         return client_app.train(message, context)
     sent = client_app.instructions(message, site_from(context.node_config, context.run_config))
-    sent_arrays = unpack_torch(record(message.content, "arrays", ArrayRecord), sent.transport_dtype)
+    sent_arrays = to_tensors(unpack(record(message.content, "arrays", ArrayRecord), sent.transport_dtype))
     # the base this node trains from (its own backbone where it keeps one), read before it trains
     base = split_state(client_app.kept_state(context, sent.node_keeps, sent_arrays))[0]
     reply = client_app.train(message, context)
-    backbone = unpack_torch(record(reply.content, "arrays", ArrayRecord), sent.transport_dtype)
-    content = RecordDict({"arrays": pack(poisoned(base, backbone, attack["attack_factor"]), sent.transport_dtype),
+    backbone = to_tensors(unpack(record(reply.content, "arrays", ArrayRecord), sent.transport_dtype))
+    content = RecordDict({"arrays": pack(to_arrays(poisoned(base, backbone, attack["attack_factor"])), sent.transport_dtype),
                           "metrics": reply.content["metrics"]})
     return Message(content, reply_to=message)

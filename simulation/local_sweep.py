@@ -13,7 +13,7 @@ is resumed after its last completed stage (``resume-from``), so a sweep can span
 Evaluate replies are memoised by content (``ScoreMemo``): arms that share a seed score the shared MIM
 base once, not once per arm.
 Checkpoints stay in ``<out>/<job>/runs/`` (ignored by git); the report reads the committed files:
-``python -m meduniverse_flwr.arrival_report <out> --out <out>/report``.
+``python -m meduniverse_flwr.report.arrival <out> --out <out>/report``.
 """
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ from omegaconf import OmegaConf
 
 from meduniverse_flwr import server_app
 from meduniverse_flwr.client_app import app as client_app
+from meduniverse_flwr.common.files import write_json_atomic
 from meduniverse_flwr.config import KEYS, NODE_DATA_KEYS, read_keys
-from meduniverse_flwr.files import write_json_atomic
-from meduniverse_flwr.site import SIMULATED_SITE_KEYS
-from meduniverse_flwr.results import read_results
+from meduniverse_flwr.node.site import SIMULATED_SITE_KEYS
+from meduniverse_flwr.server.results import read_results
 from simulation.experiment import register, to_run_config
 from simulation.inprocess import InProcessGrid
 

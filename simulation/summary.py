@@ -12,7 +12,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from meduniverse_flwr import report
-from meduniverse_flwr.results import read_results, summarize
+from meduniverse_flwr.server.results import read_results, summarize
 
 log = logging.getLogger(__name__)
 COLUMNS = ("job", "overrides", "status", "final_mean_accuracy", "gain_over_stage0", "p_value", "wall_seconds")

@@ -8,18 +8,19 @@ import pytest
 import torch
 from conftest import TINY_FLAGS, write_medmnist
 from flwr.app import Context, RecordDict
-from simulation.inprocess import InProcessGrid
 
 from meduniverse_flwr import server_app
-from meduniverse_flwr.aggregation import aggregate, ties_merge
 from meduniverse_flwr.client_app import app as client_app
 from meduniverse_flwr.config import ConfigError, RunConfig
-from meduniverse_flwr.data import DataOptions, TaskData, load_node_task
 from meduniverse_flwr.data.corpus import load_corpus
+from meduniverse_flwr.data.node_task import TaskData, load_node_task
+from meduniverse_flwr.data.options import DataOptions
 from meduniverse_flwr.data.partition import stratified_subset
-from meduniverse_flwr.results import summarize
-from meduniverse_flwr.schedule import arrival_order, arrivals, trained_by
-from meduniverse_flwr.task import scoring_labels
+from meduniverse_flwr.learn.evaluate import scoring_labels
+from meduniverse_flwr.server.aggregation import aggregate, ties_merge
+from meduniverse_flwr.server.results import summarize
+from meduniverse_flwr.server.schedule import arrival_order, arrivals, trained_by
+from simulation.inprocess import InProcessGrid
 
 TASKS = [f"task-{i}" for i in range(8)]
 

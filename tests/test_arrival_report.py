@@ -1,4 +1,4 @@
-"""``meduniverse_flwr.arrival_report``: the arrival gain over the MIM base (Fig. 3) from hand-made
+"""``meduniverse_flwr.report.arrival``: the arrival gain over the MIM base (Fig. 3) from hand-made
 results.json files with known numbers: 3 seeds, 5 tasks (+ a held-out one), two stage-wise arms, random
 init and a longer-pretrained control, two eval-labels levels."""
 
@@ -10,9 +10,17 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from meduniverse_flwr import arrival_report, report, stats
-from meduniverse_flwr.arrival_runs import CLIENT_RECIPE, DEFAULTS, arm_label, arrival_stages, level_label
-from meduniverse_flwr.results import read_results
+from meduniverse_flwr.report import arrival as arrival_report
+from meduniverse_flwr.report import multi as report
+from meduniverse_flwr.report import stats
+from meduniverse_flwr.report.arrival_runs import (
+    CLIENT_RECIPE,
+    DEFAULTS,
+    arm_label,
+    arrival_stages,
+    level_label,
+)
+from meduniverse_flwr.server.results import read_results
 
 TASKS = ("a", "b", "c", "d", "e")
 SEEDS = (0, 1, 2)
@@ -315,7 +323,7 @@ def test_the_command_line_and_a_run_of_another_schedule(sweep, tmp_path):
     other["config"]["schedule"] = "every-stage"
     write(sweep / "95", other)
     out = tmp_path / "cli"
-    done = subprocess.run([sys.executable, "-m", "meduniverse_flwr.arrival_report", str(sweep), "--out", str(out)],
+    done = subprocess.run([sys.executable, "-m", "meduniverse_flwr.report.arrival", str(sweep), "--out", str(out)],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0 and done.stderr == ""
     written = ", ".join(str(out / name) for name in ("report.md", "fig3_gain.png", "arrival.json"))

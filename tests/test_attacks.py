@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 from flwr.app import Context, RecordDict
-from simulation.inprocess import InProcessGrid
 from test_registries import sites  # noqa: F401 (fixture)
 
 from meduniverse_flwr import server_app
-from meduniverse_flwr.attacks import is_hostile, poisoned
 from meduniverse_flwr.client_app import app as client_app
+from simulation.attacks import is_hostile, poisoned
 from simulation.hostile_app import app as hostile_app
+from simulation.inprocess import InProcessGrid
 
 
 def test_a_hostile_update_is_the_honest_one_scaled_around_the_base():

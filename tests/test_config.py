@@ -24,7 +24,7 @@ def test_the_readme_table_lists_exactly_the_declared_keys_with_their_defaults():
             return str(value).lower()
         return (f"`{value}`" if value else '`""`') if isinstance(value, str) else repr(value)
 
-    table = (ROOT / "README.md").read_text().split("## Run configuration", 1)[1].split("\n## ", 1)[0]
+    table = (ROOT / "docs" / "run-config.md").read_text().split("## Run configuration", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| `([a-z-]+)` \| ([^|]+) \|", table, flags=re.M)
     assert rows == [(key, shown(value)) for key, value in default_run_config().items()]
 

@@ -6,8 +6,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.models.vision_transformer import VisionTransformer
 
-from meduniverse_flwr.convert import convert_state, main
-from meduniverse_flwr.model import create_backbone, load_backbone
+from meduniverse_flwr.learn.model import create_backbone, load_backbone
+from meduniverse_flwr.tools.convert import convert_state, main
 
 DECODER = {"mask_token": (1, 1, 32), "decoder_embed.weight": (32, 64), "decoder_blocks.0.norm1.weight": (32,),
            "decoder_pred.weight": (768, 32), "decoder_pos_embed": (1, 5, 32)}
@@ -54,7 +54,7 @@ def test_mae_checkpoint_converts_to_a_strict_backbone(tmp_path, capsys):
     result = our_vit().load_state_dict(converted, strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     with safe_open(str(tmp_path / "out.safetensors"), "pt") as handle:
-        assert handle.metadata() == {"format": "pt", "source": "in.pth", "converted-by": "meduniverse_flwr.convert"}
+        assert handle.metadata() == {"format": "pt", "source": "in.pth", "converted-by": "meduniverse_flwr.tools.convert"}
     assert [p.name for p in tmp_path.iterdir()] and not list(tmp_path.glob(".*tmp*"))  # no temporary left behind
 
 

@@ -12,15 +12,22 @@ import torch
 from conftest import EVERY_STAGE, default_run_config
 from flwr.app import Context, MessageType, RecordDict
 from safetensors.torch import load_file
-from simulation.inprocess import InProcessGrid
 
 from meduniverse_flwr import server_app
 from meduniverse_flwr.client_app import app as client_app
 from meduniverse_flwr.config import ConfigError, RunConfig
-from meduniverse_flwr.messages import Instructions
-from meduniverse_flwr.pretrain.distill import (ContinueSettings, continue_mim, distill_loss, identity_adaptors,
-                                               mae_around, split_mae_state, token_features)
-from meduniverse_flwr.model import create_backbone
+from meduniverse_flwr.learn.model import create_backbone
+from meduniverse_flwr.server.pretrain.distill import (
+    ContinueSettings,
+    continue_mim,
+    distill_loss,
+    identity_adaptors,
+    mae_around,
+    split_mae_state,
+    token_features,
+)
+from meduniverse_flwr.wire.messages import Instructions
+from simulation.inprocess import InProcessGrid
 
 
 def run(config: dict, num_nodes: int) -> tuple[dict, InProcessGrid]:
@@ -94,8 +101,9 @@ def test_client_recipe_changes_the_base_and_not_the_scoring(tiny):
 
 def test_head_epochs_train_the_head_alone_first(monkeypatch):
     """LP-FT: with head epochs the backbone is frozen in the first fit and trains in the second."""
-    from meduniverse_flwr import task
-    from meduniverse_flwr.data import NodeTask, TaskCard, TaskData
+    from meduniverse_flwr.data.node_task import NodeTask, TaskData
+    from meduniverse_flwr.learn import finetune as task
+    from meduniverse_flwr.wire.card import TaskCard
 
     trained = []
     monkeypatch.setattr(task, "fit", lambda model, data, kind, settings, augment=True, term=None: trained.append(

@@ -2,11 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from meduniverse_flwr.data import DataOptions, TaskCard, load_node_task, to_task_data
 from meduniverse_flwr.data.embedded import SPLIT_SIZES, TASKS, load_embedded, task_path
+from meduniverse_flwr.data.node_task import load_node_task, to_task_data
 from meduniverse_flwr.data.npz import DataError, Split, read_npz, write_npz
+from meduniverse_flwr.data.options import DataOptions
 from meduniverse_flwr.data.partition import dirichlet_shard, iid_shard, node_dataset
-from meduniverse_flwr.validation import Rejected, parse_card
+from meduniverse_flwr.server.validation import Rejected, parse_card
+from meduniverse_flwr.wire.card import TaskCard
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))

@@ -23,15 +23,20 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, with_every_stage, write_medmnist
-from simulation.flower import finish_flwr_run, free_port, run_status, start_flwr_run
 
-from deploy.flwr_cli import BIN, flower_env, flwr, register, supernodes
 from deploy.command_line import INSECURE_WARNING
-from deploy.launch import LOCAL_CONNECTION, LocalDeployment, supernode_command, supernode_env
+from deploy.flwr_cli import BIN, flower_env, flwr, register, supernodes
+from deploy.launch import (
+    LOCAL_CONNECTION,
+    LocalDeployment,
+    supernode_command,
+    supernode_env,
+)
 from deploy.make_certs import make_certs
 from deploy.processes import command_line, descendants, running, start, stop
-from meduniverse_flwr.privacy import epsilon_of, example_steps
-from meduniverse_flwr.site_ledger import ledger_path, read_ledger
+from meduniverse_flwr.learn.privacy import epsilon_of, example_steps
+from meduniverse_flwr.node.ledger import ledger_path, read_ledger
+from simulation.flower import finish_flwr_run, free_port, run_status, start_flwr_run
 
 pytestmark = pytest.mark.deployment
 

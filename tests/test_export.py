@@ -1,4 +1,4 @@
-"""``python -m meduniverse_flwr.export``: a finished run's base as a timm folder, loaded by timm alone."""
+"""``python -m meduniverse_flwr.tools.export``: a finished run's base as a timm folder, loaded by timm alone."""
 
 import json
 import re
@@ -12,13 +12,19 @@ import torch
 from conftest import EVERY_STAGE, default_run_config
 from flwr.app import Context, RecordDict
 from safetensors.torch import load_file, save_file
-from simulation.inprocess import InProcessGrid
 
 from meduniverse_flwr import server_app
 from meduniverse_flwr.client_app import app as client_app
-from meduniverse_flwr.export import DISCLAIMER, backbone_args, export, main, model_card
-from meduniverse_flwr.model import create_backbone, create_model, load_backbone
-from meduniverse_flwr.results import read_results
+from meduniverse_flwr.learn.model import create_backbone, create_model, load_backbone
+from meduniverse_flwr.server.results import read_results
+from meduniverse_flwr.tools.export import (
+    DISCLAIMER,
+    backbone_args,
+    export,
+    main,
+    model_card,
+)
+from simulation.inprocess import InProcessGrid
 
 # Runs in a fresh interpreter: timm and torch only, from the exported folder.
 CHILD = r"""
@@ -164,7 +170,7 @@ def test_refusals_are_one_line(run_dir, tmp_path, capsys):
 
 
 def test_cli_exits_1_without_traceback(run_dir, tmp_path):
-    done = subprocess.run([sys.executable, "-m", "meduniverse_flwr.export", str(run_dir), "--stage", "9",
+    done = subprocess.run([sys.executable, "-m", "meduniverse_flwr.tools.export", str(run_dir), "--stage", "9",
                            "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 1 and done.stderr.count("\n") == 1 and "stage 9: not in" in done.stderr

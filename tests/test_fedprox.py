@@ -5,12 +5,13 @@ import torch
 from conftest import default_run_config, write_medmnist
 from torch import nn
 
-from meduniverse_flwr.fedprox import proximal_term
-from meduniverse_flwr.messages import Instructions
 from meduniverse_flwr.config import RunConfig
-from meduniverse_flwr.data import DataOptions, load_node_task
-from meduniverse_flwr.model import create_model
-from meduniverse_flwr.task import TrainSettings, train_on_task
+from meduniverse_flwr.data.node_task import load_node_task
+from meduniverse_flwr.data.options import DataOptions
+from meduniverse_flwr.learn.fedprox import proximal_term
+from meduniverse_flwr.learn.finetune import TrainSettings, train_on_task
+from meduniverse_flwr.learn.model import create_model
+from meduniverse_flwr.wire.messages import Instructions
 
 
 @pytest.fixture(scope="module")

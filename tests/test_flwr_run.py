@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 from conftest import with_every_stage
-from simulation.flower import flwr_run, local_superlink, run_status
 from safetensors.torch import load_file
 
-from meduniverse_flwr.model import create_backbone
+from meduniverse_flwr.learn.model import create_backbone
+from simulation.flower import flwr_run, local_superlink, run_status
 
 
 @pytest.fixture

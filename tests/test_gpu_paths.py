@@ -21,14 +21,20 @@ from contextlib import nullcontext
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from conftest import ROOT
-from meduniverse_flwr.data import TaskData
-from meduniverse_flwr.model import create_model
-from meduniverse_flwr.pretrain import PretrainSettings, engine, pretrain
-from meduniverse_flwr.task import TrainSettings, autocast, fit, predict, resolve_device
+from meduniverse_flwr.data.node_task import TaskData
+from meduniverse_flwr.learn.finetune import (
+    TrainSettings,
+    autocast,
+    fit,
+    predict,
+    resolve_device,
+)
+from meduniverse_flwr.learn.model import create_model
+from meduniverse_flwr.server.pretrain import PretrainSettings, engine, pretrain
 from simulation.experiment import federation_config, register
 
 HAS_CUDA = torch.cuda.is_available()  # this machine, before any test patches it

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 from safetensors.numpy import load_file
-from simulation.inprocess import InProcessGrid
 
 from meduniverse_flwr import server_app
 from meduniverse_flwr.client_app import app as client_app
-from meduniverse_flwr.messages import pack, unpack
-from meduniverse_flwr.results import RunOutputs, read_results
+from meduniverse_flwr.server.results import RunOutputs, read_results
+from meduniverse_flwr.wire.messages import pack, unpack
+from simulation.inprocess import InProcessGrid
 
 ATTACKER = 1002
 

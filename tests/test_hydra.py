@@ -10,10 +10,9 @@ from conftest import EVERY_STAGE, ROOT, default_run_config
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from simulation.experiment import register, to_run_config
-
 from meduniverse_flwr.config import KEYS, ConfigError, RunConfig, read_keys
 from meduniverse_flwr.registry import STRATEGIES
+from simulation.experiment import register, to_run_config
 
 
 def run_cli(*overrides, timeout=900):

@@ -1,4 +1,7 @@
-"""The package's layering: no import cycle, a config check imports no model code, a node no server code."""
+"""The package's layering, read from its folders: at most six modules at the top of ``meduniverse_flwr``,
+every other in a package named after its role; no import cycle; and the rules between roles
+(CONTRIBUTING.md "Layout"): the node side imports no server code, the wire no torch and neither side,
+the reports no Flower, the run config nothing heavy."""
 
 import ast
 import subprocess
@@ -70,6 +73,71 @@ def import_graph() -> dict[str, set[str]]:
     return {module_name(path): imports_of(path) for package in PACKAGES for path in (ROOT / package).rglob("*.py")}
 
 
+def external_imports(path: Path) -> set[str]:
+    """The top-level names of the libraries ``path`` imports anywhere (relative imports are the package's)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+    return found - set(PACKAGES)
+
+
+def external_graph() -> dict[str, set[str]]:
+    return {module_name(path): external_imports(path) for path in (ROOT / "meduniverse_flwr").rglob("*.py")}
+
+
+# The roles: a package under meduniverse_flwr (its name), or one of the top-level modules.
+NODE_SIDE = {"client_app", "node", "learn", "data"}  # what runs on a hospital's node
+SERVER_SIDE = {"server_app", "server", "report", "tools"}
+HEAVY = {"torch", "torchvision", "timm", "flwr", "matplotlib", "scipy", "opacus", "skimage", "nilearn", "mlflow",
+         "tensorboard"}
+
+
+def role(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def reach(graph: dict[str, set[str]], start: str) -> set[str]:
+    """``start`` and every module of the package it imports, directly or through others."""
+    seen, todo = {start}, [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt.startswith("meduniverse_flwr") and nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def rule_breaks(graph: dict[str, set[str]], externals: dict[str, set[str]]) -> list[str]:
+    """Each import that breaks a rule between roles, as ``module -> imported (rule)``."""
+    breaks = []
+    for module, imported in graph.items():
+        if not module.startswith("meduniverse_flwr."):
+            continue
+        mine = role(module)
+        for other in (name for name in imported if name.startswith("meduniverse_flwr.")):
+            theirs = role(other)
+            if mine in NODE_SIDE and theirs in SERVER_SIDE:
+                breaks.append(f"{module} -> {other} (the node side imports no server code)")
+            if mine == "wire" and theirs not in {"wire", "common", "config", "registry"}:
+                breaks.append(f"{module} -> {other} (the wire imports neither side)")
+            if mine == "common" and theirs != "common":
+                breaks.append(f"{module} -> {other} (common imports nothing of the package)")
+        reached = reach(graph, module)
+        libraries = {library: source for source in sorted(reached) for library in externals.get(source, ())}
+        if mine == "wire" and "torch" in libraries:
+            breaks.append(f"{module} -> torch through {libraries['torch']} (the wire imports no torch)")
+        if mine == "report" and "flwr" in libraries:
+            breaks.append(f"{module} -> flwr through {libraries['flwr']} (the reports import no Flower)")
+        if mine == "config":
+            breaks += [f"{module} -> {library} through {source} (the run config imports nothing heavy)"
+                       for library, source in libraries.items() if library in HEAVY]
+    return breaks
+
+
 def first_cycle(graph: dict[str, set[str]]) -> str | None:
     for start in graph:
         stack, seen = [(start, (start,))], set()
@@ -92,13 +160,13 @@ def test_no_module_imports_itself_back_through_others():
 def test_the_cycle_check_sees_imports_in_functions_and_type_checking_and_registry_targets(tmp_path):
     graph = import_graph()
     assert "deploy.preflight" in graph["deploy.launch"]  # imported inside a function
-    assert "meduniverse_flwr.baselines" in graph["meduniverse_flwr.server_app"]  # through registry.STRATEGIES
-    assert "meduniverse_flwr.pretrain.models" in graph["meduniverse_flwr.pretrain.engine"]  # PRETRAIN_METHODS too
+    assert "meduniverse_flwr.server.strategy.cyclic" in graph["meduniverse_flwr.server_app"]  # through registry.STRATEGIES
+    assert "meduniverse_flwr.server.pretrain.models" in graph["meduniverse_flwr.server.pretrain.engine"]  # PRETRAIN_METHODS too
     hidden = tmp_path / "hidden.py"
     hidden.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from meduniverse_flwr import report\n"
                       "def f():\n    from deploy import launch\n")
     assert {"meduniverse_flwr.report", "deploy.launch"} <= imports_of(hidden, "meduniverse_flwr.hidden")
-    planted = {**graph, "meduniverse_flwr.pretrain.settings": {"meduniverse_flwr.pretrain.engine"}}
+    planted = {**graph, "meduniverse_flwr.server.pretrain.settings": {"meduniverse_flwr.server.pretrain.engine"}}
     assert first_cycle(planted) is not None
 
 
@@ -115,10 +183,37 @@ def test_checking_a_config_imports_neither_torch_nor_timm_nor_flwr():
 
 def test_a_node_imports_no_server_code():
     loaded = loaded_after("import meduniverse_flwr.client_app")
-    server_side = {name for name in loaded if name.startswith("meduniverse_flwr.")
-                   and name.split(".")[1] in ("strategy", "server_app", "driver", "server_privacy", "baselines",
-                                              "centralized", "scoring", "report", "results")}
+    server_side = {name for name in loaded if name.startswith("meduniverse_flwr.") and role(name) in SERVER_SIDE}
     assert not server_side
+
+
+def test_at_most_six_modules_at_the_top_every_other_in_a_role_package():
+    top = sorted(path.name for path in (ROOT / "meduniverse_flwr").glob("*.py"))
+    assert len(top) <= 6, top
+    roles = {"common", "wire", "data", "learn", "node", "server", "report", "tools"}
+    packages = {path.name for path in (ROOT / "meduniverse_flwr").iterdir() if path.is_dir() and path.name != "__pycache__"}
+    assert packages == roles
+    assert all((ROOT / "meduniverse_flwr" / name / "__init__.py").is_file() for name in roles)
+
+
+def test_no_import_breaks_a_rule_between_roles():
+    breaks = rule_breaks(import_graph(), external_graph())
+    assert not breaks, "\n".join(breaks)
+
+
+@pytest.mark.parametrize("module, imported, rule", [
+    ("meduniverse_flwr.node.site", "meduniverse_flwr.server.validation", "the node side imports no server code"),
+    ("meduniverse_flwr.learn.finetune", "meduniverse_flwr.report.stats", "the node side imports no server code"),
+    ("meduniverse_flwr.wire.card", "meduniverse_flwr.data.npz", "the wire imports neither side"),
+    ("meduniverse_flwr.wire.transport", "meduniverse_flwr.learn.model", "the wire imports no torch"),
+    ("meduniverse_flwr.report.stats", "meduniverse_flwr.server.grid_io", "the reports import no Flower"),
+    ("meduniverse_flwr.config", "meduniverse_flwr.learn.metrics", "the run config imports nothing heavy"),
+    ("meduniverse_flwr.common.text", "meduniverse_flwr.registry", "common imports nothing of the package"),
+])
+def test_each_rule_fails_on_an_import_that_breaks_it(module, imported, rule):
+    graph = import_graph()
+    planted = {**graph, module: graph[module] | {imported}}
+    assert any(module in line and f"({rule})" in line for line in rule_breaks(planted, external_graph()))
 
 
 TARGETS = [*(entry.target for entry in registry.STRATEGIES.values()),

@@ -14,7 +14,7 @@ from conftest import ROOT, write_medmnist
 # the top-level modules of the [server], [sim] and [tracking] extras (pyproject.toml); not scipy,
 # which opacus (DP-SGD, a node's) needs itself
 EXTRAS_MODULES = ("hydra", "omegaconf", "matplotlib", "skimage", "nilearn", "ray", "mlflow", "tensorboard")
-NODE_MODULES = ("meduniverse_flwr.client_app", "meduniverse_flwr.site", "meduniverse_flwr.site_ledger",
+NODE_MODULES = ("meduniverse_flwr.client_app", "meduniverse_flwr.node.site", "meduniverse_flwr.node.ledger",
                 "deploy.preflight", "deploy.launch")
 
 BLOCKER = f"""
@@ -53,11 +53,12 @@ def test_a_node_loads_its_data_and_fine_tunes_without_extras(tmp_path):
         import torch
         from meduniverse_flwr.client_app import node_task
         from meduniverse_flwr.config import RunConfig
-        from meduniverse_flwr.model import create_model
-        from meduniverse_flwr.privacy import DPSGD
-        from meduniverse_flwr.site import site_from
-        from meduniverse_flwr.site_ledger import charge
-        from meduniverse_flwr.task import TrainSettings, evaluate_base, train_on_task
+        from meduniverse_flwr.learn.model import create_model
+        from meduniverse_flwr.learn.privacy import DPSGD
+        from meduniverse_flwr.node.site import site_from
+        from meduniverse_flwr.node.ledger import charge
+        from meduniverse_flwr.learn.finetune import TrainSettings, train_on_task
+        from meduniverse_flwr.learn.evaluate import evaluate_base
 
         run = RunConfig.with_defaults().to_run_config()
         site = site_from({{"dataset": {entry!r}, "cache-dir": {str(tmp_path / "cache")!r}, "max-epsilon": 50.0}}, run)

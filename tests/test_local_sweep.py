@@ -5,11 +5,11 @@ import json
 import pytest
 from conftest import EVERY_STAGE, default_run_config
 from flwr.app import Context, MessageType, RecordDict
-from simulation.inprocess import InProcessGrid
-from simulation.local_sweep import ScoreMemo, finished, job_name, sweep_jobs
 
 from meduniverse_flwr import server_app
 from meduniverse_flwr.client_app import app as client_app
+from simulation.inprocess import InProcessGrid
+from simulation.local_sweep import ScoreMemo, finished, job_name, sweep_jobs
 
 
 def test_a_presets_sweep_is_the_product_of_its_params_and_only_replaces_one():

@@ -1,8 +1,15 @@
 import pytest
 import torch
 
-from meduniverse_flwr.model import (
-    MODELS, create_backbone, create_model, load_backbone, merge_state, new_head_state, save_backbone, split_state,
+from meduniverse_flwr.learn.model import (
+    MODELS,
+    create_backbone,
+    create_model,
+    load_backbone,
+    merge_state,
+    new_head_state,
+    save_backbone,
+    split_state,
 )
 
 

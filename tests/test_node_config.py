@@ -2,12 +2,12 @@
 
 import numpy as np
 from flwr.app import ArrayRecord
-from simulation.inprocess import InProcessGrid
 
 from meduniverse_flwr.client_app import app as client_app
 from meduniverse_flwr.config import RunConfig
-from meduniverse_flwr.model import create_backbone
-from meduniverse_flwr.strategy import StageWise
+from meduniverse_flwr.learn.model import create_backbone
+from meduniverse_flwr.server.strategy.stagewise import StageWise
+from simulation.inprocess import InProcessGrid
 
 
 def test_every_handler_answers_when_server_only_paths_do_not_exist_on_the_node(run_config):

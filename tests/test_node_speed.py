@@ -22,20 +22,27 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.superexec.run_superexec import _TASK_POLL_INTERVAL_ENV
 from safetensors import safe_open
 from safetensors.torch import save_file
-from simulation.inprocess import InProcessGrid
 from test_strategy import _Stage
 from test_untrusted_files import PlantedPickle
 
 from deploy import launch
-from meduniverse_flwr import data
 from meduniverse_flwr.client_app import app as client_app
 from meduniverse_flwr.config import RunConfig
-from meduniverse_flwr.data import DataOptions, decode_node_task, load_node_task
+from meduniverse_flwr.data import cache, node_task
 from meduniverse_flwr.data.cache import CACHE_DIR
-from meduniverse_flwr.messages import MAX_INDEX_CHARS, PACKED, pack, to_numpy, unpack, unpack_torch
-from meduniverse_flwr.model import create_backbone
-from meduniverse_flwr.strategy import StageWise
-from meduniverse_flwr.transport import TRANSPORT_DTYPES
+from meduniverse_flwr.data.node_task import decode_node_task, load_node_task
+from meduniverse_flwr.data.options import DataOptions
+from meduniverse_flwr.learn.model import create_backbone, to_tensors
+from meduniverse_flwr.server.strategy.stagewise import StageWise
+from meduniverse_flwr.wire.messages import (
+    MAX_INDEX_CHARS,
+    PACKED,
+    pack,
+    to_numpy,
+    unpack,
+)
+from meduniverse_flwr.wire.transport import TRANSPORT_DTYPES
+from simulation.inprocess import InProcessGrid
 
 # -------------------------------------------------------------------------------------- packing
 
@@ -56,7 +63,7 @@ def test_a_packed_record_is_a_few_objects_and_unpacks_bit_exactly(backbone, tran
     for name, value in backbone.items():  # as if each array had travelled alone
         np.testing.assert_array_equal(arrays[name], encoding.decode(encoding.encode(value)))
         assert arrays[name].dtype == np.float32
-    tensors = unpack_torch(record, transport_dtype)
+    tensors = to_tensors(unpack(record, transport_dtype))
     tensors["cls_token"].add_(1.0)  # writable, and not a view of another array
     assert torch.equal(tensors["pos_embed"], torch.from_numpy(arrays["pos_embed"]))
 
@@ -171,7 +178,7 @@ def test_a_cached_task_is_the_decoded_task_and_no_decode_reads_it(kind, shard, n
     decoded = decode_node_task(entry, shard, n_shards, options)
     assert_same_task(load_node_task.__wrapped__(entry, shard, n_shards, options), decoded)  # decodes, writes
     assert len(cache_files(options)) == 1
-    monkeypatch.setattr(data, "decode_node_task", lambda *args: pytest.fail("decoded again"))
+    monkeypatch.setattr(node_task, "decode_node_task", lambda *args: pytest.fail("decoded again"))
     assert_same_task(load_node_task.__wrapped__(entry, shard, n_shards, options), decoded)
 
 
@@ -193,7 +200,7 @@ def test_a_node_computes_the_same_from_its_cache(tmp_path, run_config, monkeypat
     torch.manual_seed(0)
     decoded_base, decoded = stage()
     assert len(list((tmp_path / "root" / CACHE_DIR).glob("*.safetensors"))) == 2
-    monkeypatch.setattr(data, "decode_node_task", lambda *args: pytest.fail("decoded again"))
+    monkeypatch.setattr(node_task, "decode_node_task", lambda *args: pytest.fail("decoded again"))
     torch.manual_seed(0)
     cached_base, cached = stage()
     load_node_task.cache_clear()
@@ -274,7 +281,7 @@ def test_an_unwritable_cache_leaves_the_node_uncached_not_failed(site, monkeypat
     def read_only(*args, **kwargs):
         raise PermissionError(13, "Read-only file system")
 
-    monkeypatch.setattr(data.cache, "save_file", read_only)
+    monkeypatch.setattr(cache, "save_file", read_only)
     with caplog.at_level(logging.WARNING, logger="flwr"):
         assert_same_task(load_node_task.__wrapped__(entry, 0, 1, options), decode_node_task(entry, 0, 1, options))
     assert "not written ([Errno 13] Read-only file system)" in caplog.text
@@ -289,7 +296,7 @@ def test_a_node_imports_no_plotting_or_data_building_package(site):
     every message's fresh process. pydicom is imported only to read a ``dicom:`` source."""
     entry, options = site("rgb")
     heavy = ("scipy", "matplotlib", "skimage", "nilearn", "pydicom", "sklearn", "pandas")
-    code = ("import sys; import meduniverse_flwr.client_app; from meduniverse_flwr.data import DataOptions, "
+    code = ("import sys; import meduniverse_flwr.client_app; from meduniverse_flwr.data.node_task import DataOptions, "
             f"load_node_task; load_node_task({entry!r}, 0, 1, DataOptions(root={options.root!r})); "
             f"print([m for m in {heavy!r} if m in sys.modules])")
     loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

@@ -12,13 +12,15 @@ from conftest import ROOT, write_medmnist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from meduniverse_flwr import data
-from meduniverse_flwr.data import DataOptions, dataset_name, load_dataset, load_node_task, medmnist
+from meduniverse_flwr.data import medmnist, node_task
 from meduniverse_flwr.data.cache import CACHE_DIR
 from meduniverse_flwr.data.layout import MAX_SIDECAR_BYTES
 from meduniverse_flwr.data.medmnist import FLAGS
+from meduniverse_flwr.data.node_task import load_dataset, load_node_task
 from meduniverse_flwr.data.npz import DataError
-from meduniverse_flwr.validation import Rejected, parse_card
+from meduniverse_flwr.data.options import DataOptions
+from meduniverse_flwr.registry import dataset_name
+from meduniverse_flwr.server.validation import Rejected, parse_card
 
 SIZES = {"train": 10, "val": 4, "test": 6}
 
@@ -205,7 +207,7 @@ def test_the_node_cache_keeps_class_names(tmp_path, monkeypatch):
     options = DataOptions(root=str(tmp_path / "root"))
     decoded = load_node_task.__wrapped__(f"npz:{path}", 0, 1, options)
     assert len(cache_files(options.root)) == 1
-    monkeypatch.setattr(data, "decode_node_task", lambda *args: pytest.fail("decoded again"))
+    monkeypatch.setattr(node_task, "decode_node_task", lambda *args: pytest.fail("decoded again"))
     cached = load_node_task.__wrapped__(f"npz:{path}", 0, 1, options)
     assert cached.card == decoded.card and cached.card.classes == ("a", "b", "c")
 

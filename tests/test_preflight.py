@@ -12,14 +12,13 @@ import threading
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import write_medmnist
+from PIL import Image
 from test_real_data import write_dicom
 
 from deploy import launch
 from deploy.make_certs import make_certs
-from meduniverse_flwr.site import SITE_KEYS
+from meduniverse_flwr.node.site import SITE_KEYS
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,16 @@ import torch
 from safetensors.torch import load_file
 
 from meduniverse_flwr.config import RunConfig
-from meduniverse_flwr.model import create_backbone, save_backbone
-from meduniverse_flwr.pretrain import MAE, PretrainSettings, patchify, pretrain, random_masking, unpatchify
-from meduniverse_flwr.pretrain.base import initial_base
+from meduniverse_flwr.learn.model import create_backbone, save_backbone
+from meduniverse_flwr.server.pretrain import (
+    MAE,
+    PretrainSettings,
+    patchify,
+    pretrain,
+    random_masking,
+    unpatchify,
+)
+from meduniverse_flwr.server.pretrain.base import initial_base
 
 
 def test_masking_is_seeded_exact_and_consistent():

@@ -10,17 +10,26 @@ import torch
 from conftest import EVERY_STAGE, default_run_config
 from flwr.app import Context, RecordDict
 from safetensors.torch import load_file, save_file
-from simulation.inprocess import InProcessGrid
 from test_hydra import compose_run_config
 
 from meduniverse_flwr import server_app
-from meduniverse_flwr.augment import augmentation_for, augmented, random_resized_crop
 from meduniverse_flwr.client_app import app as client_app
 from meduniverse_flwr.config import ConfigError, RunConfig
-from meduniverse_flwr.model import create_backbone, embed_dim, fit_checkpoint, load_pretrained
-from meduniverse_flwr.pretrain.base import initial_base
+from meduniverse_flwr.learn.augment import (
+    augmentation_for,
+    augmented,
+    random_resized_crop,
+)
+from meduniverse_flwr.learn.finetune import to_input
+from meduniverse_flwr.learn.model import (
+    create_backbone,
+    embed_dim,
+    fit_checkpoint,
+    load_pretrained,
+)
 from meduniverse_flwr.registry import INPUT_NORMS
-from meduniverse_flwr.task import to_input
+from meduniverse_flwr.server.pretrain.base import initial_base
+from simulation.inprocess import InProcessGrid
 
 
 def timm_backbone(tmp_path, name="vit_tiny_patch16_224", **kwargs):

@@ -12,13 +12,14 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from test_registries import sites, tiny_run  # noqa: F401 (fixture)
 from torch import nn
 
-from meduniverse_flwr import privacy
-from meduniverse_flwr.aggregation import RunningAggregate, update_norm
 from meduniverse_flwr.config import ConfigError, RunConfig
-from meduniverse_flwr.data import TaskData
-from meduniverse_flwr.results import read_results
-from meduniverse_flwr.server_privacy import server_privacy
-from meduniverse_flwr.task import TrainSettings, fit, shuffled_batches
+from meduniverse_flwr.data.node_task import TaskData
+from meduniverse_flwr.learn import privacy
+from meduniverse_flwr.learn.finetune import TrainSettings, fit, shuffled_batches
+from meduniverse_flwr.server.aggregation import RunningAggregate
+from meduniverse_flwr.server.norms import update_norm
+from meduniverse_flwr.server.privacy import server_privacy
+from meduniverse_flwr.server.results import read_results
 
 
 def sgd_private(model, dp, batch_size, seed=0):
@@ -141,8 +142,13 @@ def test_site_level_run_reports_one_event_per_stage(run_config, sites, tmp_path)
 
 def old_fit_loop(model, data, settings):
     """``task.fit``'s loop as it was before DP-SGD (commit 8fbd31a): the reference for dp = off."""
-    from meduniverse_flwr.augment import random_flip
-    from meduniverse_flwr.task import cosine_with_warmup, param_groups, to_input, train_step
+    from meduniverse_flwr.learn.augment import random_flip
+    from meduniverse_flwr.learn.finetune import (
+        cosine_with_warmup,
+        param_groups,
+        to_input,
+        train_step,
+    )
 
     device = settings.device
     model.to(device).train()
@@ -162,7 +168,7 @@ def old_fit_loop(model, data, settings):
 
 
 def test_dp_off_trains_exactly_as_before():
-    from meduniverse_flwr.model import create_model
+    from meduniverse_flwr.learn.model import create_model
 
     data = TaskData(torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8), torch.arange(40) % 3)
     settings = TrainSettings(2, 1e-3, 0.05, 16, 5, torch.device("cpu"))
@@ -179,7 +185,7 @@ def test_dp_off_trains_exactly_as_before():
 
 
 def test_dp_sgd_repeats_with_the_seed():
-    from meduniverse_flwr.model import create_model
+    from meduniverse_flwr.learn.model import create_model
 
     data = TaskData(torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8), torch.arange(40) % 3)
     settings = TrainSettings(1, 1e-3, 0.05, 16, 5, torch.device("cpu"), dp_sgd=privacy.DPSGD(1.0, 1.0, False))

@@ -10,10 +10,13 @@ from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from meduniverse_flwr.data import DataOptions, dataset_name, load_dataset, load_node_task
 from meduniverse_flwr.data.dicom import read_dicom
 from meduniverse_flwr.data.medmnist import FLAGS
+from meduniverse_flwr.data.node_task import load_dataset, load_node_task
 from meduniverse_flwr.data.npz import DataError
+from meduniverse_flwr.data.options import DataOptions
+from meduniverse_flwr.registry import dataset_name
+
 
 @pytest.mark.parametrize("size", [28, 64])
 @pytest.mark.parametrize("flag", sorted(FLAGS))

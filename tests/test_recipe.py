@@ -8,13 +8,15 @@ import torch
 from conftest import default_run_config
 from torch import nn
 
-from meduniverse_flwr import task as task_module
 from meduniverse_flwr.config import ConfigError, RunConfig
-from meduniverse_flwr.data import NodeTask, TaskCard, TaskData
-from meduniverse_flwr.messages import Instructions
-from meduniverse_flwr.model import MODELS, create_backbone, create_model
-from meduniverse_flwr.strategy import StageWise
-from meduniverse_flwr.task import TrainSettings, evaluate_base, fit, param_groups
+from meduniverse_flwr.data.node_task import NodeTask, TaskData
+from meduniverse_flwr.learn import finetune as task_module
+from meduniverse_flwr.learn.evaluate import evaluate_base
+from meduniverse_flwr.learn.finetune import TrainSettings, fit, param_groups, settings_for
+from meduniverse_flwr.learn.model import MODELS, create_backbone, create_model
+from meduniverse_flwr.server.strategy.stagewise import StageWise
+from meduniverse_flwr.wire.card import TaskCard
+from meduniverse_flwr.wire.messages import Instructions
 
 CPU = torch.device("cpu")
 
@@ -144,7 +146,7 @@ def test_the_new_keys_travel_to_the_nodes():
     for sent, decay in ((strategy.train_instructions, 0.75), (strategy.evaluate_instructions, 0.65)):
         record = sent.to_record()
         assert record["layer-decay"] == decay and record["eval-split"] == "val"
-        settings = Instructions.from_record(record).train_settings()
+        settings = settings_for(Instructions.from_record(record))
         assert settings.layer_decay == decay and settings.eval_split == "val"
     defaults = RunConfig.with_defaults()
     assert (defaults.layer_decay, defaults.eval_split) == (1.0, "test")

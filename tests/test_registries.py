@@ -11,13 +11,16 @@ from conftest import EVERY_STAGE, default_run_config, write_medmnist
 from flwr.app import Context, RecordDict
 from safetensors.torch import load_file
 from scipy.stats import trim_mean
-from simulation.inprocess import InProcessGrid
 from test_real_data import write_dicom, write_png
 
-from meduniverse_flwr import aggregation, registry, server_app, task, transport
+from meduniverse_flwr import registry, server_app
 from meduniverse_flwr.client_app import app as client_app
 from meduniverse_flwr.config import ConfigError, RunConfig
-from meduniverse_flwr.model import create_backbone
+from meduniverse_flwr.learn import finetune as task
+from meduniverse_flwr.learn.model import create_backbone
+from meduniverse_flwr.server import aggregation
+from meduniverse_flwr.wire import transport
+from simulation.inprocess import InProcessGrid
 
 REGISTRIES = {
     "strategy": registry.STRATEGIES,

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from meduniverse_flwr.report import main
-from meduniverse_flwr.run_table import format_table
+from meduniverse_flwr.report.multi import main
+from meduniverse_flwr.report.run_table import format_table
 
 
 def stage(number, pneumonia, blood, derma, train_loss=None, seconds=10.0):
@@ -144,7 +144,7 @@ def generic_stage(number, scores, held_out=(), seconds=5.0):
 
 def write_job(job, strategy, seed, num_stages=3, held_out=()):
     """A Hydra job directory as simulation.run leaves it: the run in runs/<name>, runs/latest, a copy in the job."""
-    from meduniverse_flwr.files import write_json_atomic
+    from meduniverse_flwr.common.files import write_json_atomic
 
     stages = [generic_stage(s, {t: accuracy(strategy, seed, s, t) for t in TASKS}, held_out) for s in range(num_stages)]
     payload = {"config": {"strategy": strategy, "seed": seed, "held-out": ",".join(held_out),
@@ -290,7 +290,7 @@ def test_an_unfinished_run_is_left_out_of_the_report(tmp_path, capsys):
 def test_privacy_and_attack_variants_are_groups_with_their_epsilon(tmp_path, capsys):
     """Runs of one strategy that differ in DP or robustness settings are separate groups, named by those
     settings; the final epsilon per group is reported, and epsilon is a column of a run's table."""
-    from meduniverse_flwr.files import write_json_atomic
+    from meduniverse_flwr.common.files import write_json_atomic
 
     sweep = tmp_path / "sweep"
     settings = [({}, None), ({"dp": "example", "dp-noise-multiplier": 2.0}, 0.5),
@@ -329,8 +329,8 @@ def test_a_run_table_shows_epsilon_when_the_run_has_it():
 def test_an_old_results_json_with_n_test_is_read_as_n_scored_of_its_eval_split(tmp_path, capsys):
     """Before the split was named, ``n_test`` counted the examples of the run's eval-split: the val
     split's with ``eval-split = val``. Such a file is read (and reported) as one that names it."""
-    from meduniverse_flwr.files import write_json_atomic
-    from meduniverse_flwr.results import read_results
+    from meduniverse_flwr.common.files import write_json_atomic
+    from meduniverse_flwr.server.results import read_results
 
     old = {split: write_job(tmp_path / f"old-{split}", "stagewise", seed) for seed, split in enumerate(("test", "val"))}
     payload = json.loads((old["val"] / "results.json").read_text())
@@ -356,7 +356,7 @@ def test_an_old_results_json_with_n_test_is_read_as_n_scored_of_its_eval_split(t
 
 
 def test_an_eval_split_a_run_cannot_have_is_refused(tmp_path):
-    from meduniverse_flwr.results import read_results
+    from meduniverse_flwr.server.results import read_results
 
     job = write_job(tmp_path / "job", "stagewise", 0)
     payload = json.loads((job / "results.json").read_text())

@@ -9,16 +9,23 @@ import threading
 import pytest
 from conftest import EVERY_STAGE, default_run_config, write_medmnist
 from flwr.app import Context, RecordDict
-from simulation.inprocess import InProcessGrid
 
 from meduniverse_flwr import server_app
 from meduniverse_flwr.client_app import app as client_app
 from meduniverse_flwr.config import ConfigError
-from meduniverse_flwr.data import DataError, load_node_task
 from meduniverse_flwr.data.cache import CACHE_DIR
-from meduniverse_flwr.privacy import PrivacyLedger, example_steps
-from meduniverse_flwr.site import Site, site_from
-from meduniverse_flwr.site_ledger import Refused, charge, ledger_path, read_ledger, site_epsilon
+from meduniverse_flwr.data.node_task import load_node_task
+from meduniverse_flwr.data.npz import DataError
+from meduniverse_flwr.learn.privacy import PrivacyLedger, example_steps
+from meduniverse_flwr.node.ledger import (
+    Refused,
+    charge,
+    ledger_path,
+    read_ledger,
+    site_epsilon,
+)
+from meduniverse_flwr.node.site import Site, site_from
+from simulation.inprocess import InProcessGrid
 
 SUBMITTED = {**default_run_config(), "data-root": "/submitter/data", "download": True, "skip-unreadable": True,
              "device": "cuda", "data": "folder", "datasets": "medmnist:/submitter/a.npz,medmnist:/submitter/b.npz"}

@@ -1,12 +1,12 @@
-"""``meduniverse_flwr.stats``: spread over seeds, paired tests (exactly scipy's), Holm, comparisons."""
+"""``meduniverse_flwr.report.stats``: spread over seeds, paired tests (exactly scipy's), Holm, comparisons."""
 
 import warnings
 
-import pytest
 import numpy as np
+import pytest
 from scipy import stats as scipy_stats
 
-from meduniverse_flwr.stats import (
+from meduniverse_flwr.report.stats import (
     PairedTest,
     Spread,
     bootstrap_ci,

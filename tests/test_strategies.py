@@ -9,17 +9,21 @@ import torch
 from conftest import EVERY_STAGE, write_medmnist
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from safetensors.numpy import load_file
-from simulation.inprocess import InProcessGrid
 
 from meduniverse_flwr import server_app
-from meduniverse_flwr.client_app import KEPT, app as client_app, kept_state
+from meduniverse_flwr.client_app import KEPT, kept_state
+from meduniverse_flwr.client_app import app as client_app
 from meduniverse_flwr.config import RunConfig
-from meduniverse_flwr.data import DataOptions, TaskCard, load_node_task
-from meduniverse_flwr.messages import Instructions, pack, unpack
-from meduniverse_flwr.model import create_backbone
-from meduniverse_flwr.pooled import train_pooled
+from meduniverse_flwr.data.node_task import load_node_task
+from meduniverse_flwr.data.options import DataOptions
+from meduniverse_flwr.learn.evaluate import evaluate_base
+from meduniverse_flwr.learn.finetune import TrainSettings, settings_for
+from meduniverse_flwr.learn.model import create_backbone
+from meduniverse_flwr.learn.pooled import train_pooled
 from meduniverse_flwr.server_app import build_strategy
-from meduniverse_flwr.task import TrainSettings, evaluate_base
+from meduniverse_flwr.wire.card import TaskCard
+from meduniverse_flwr.wire.messages import Instructions, pack, unpack
+from simulation.inprocess import InProcessGrid
 
 FLAGS = ("pneumoniamnist", "bloodmnist", "organamnist")
 
@@ -107,7 +111,7 @@ def test_local_keeps_the_base_and_scores_each_node_on_its_own_model(run_config, 
         task = load_node_task(sites[node - 1000], 0, 1, DataOptions(root=config["data-root"]))
         evaluate = [m for m in grid.pushed if m.metadata.message_type == "evaluate" and m.metadata.dst_node_id == node]
         sent = Instructions.from_record(evaluate[-1].content.config_records["config"])
-        own = evaluate_base(sent.model, sent.image_size, task, backbone, sent.eval_mode, sent.train_settings())
+        own = evaluate_base(sent.model, sent.image_size, task, backbone, sent.eval_mode, settings_for(sent))
         assert scores[task.card.name]["accuracy"] == own["accuracy"]
 
 

@@ -10,20 +10,29 @@ import numpy as np
 import pytest
 import torch
 from conftest import EVERY_STAGE, TINY_FLAGS, default_run_config, write_medmnist
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from simulation.inprocess import InProcessGrid, act_as_server
 
 from meduniverse_flwr import server_app
 from meduniverse_flwr.client_app import app as client_app
 from meduniverse_flwr.config import RunConfig
-from meduniverse_flwr.data import TaskCard
-from meduniverse_flwr.model import create_backbone
-from meduniverse_flwr.results import stage_entry
-from meduniverse_flwr.messages import pack, to_numpy, unpack
+from meduniverse_flwr.learn.model import create_backbone
 from meduniverse_flwr.registry import STRATEGIES
+from meduniverse_flwr.server.results import stage_entry
+from meduniverse_flwr.server.strategy.stagewise import StageFailed, StageWise
 from meduniverse_flwr.server_app import build_strategy
-from meduniverse_flwr.strategy import StageFailed, StageWise
+from meduniverse_flwr.wire.card import TaskCard
+from meduniverse_flwr.wire.messages import pack, to_numpy, unpack
+from simulation.inprocess import InProcessGrid, act_as_server
 
 
 def run_federation(config: dict, num_nodes: int, tamper=None) -> tuple[dict, InProcessGrid]:

@@ -8,11 +8,26 @@ import sys
 
 import pytest
 
-from meduniverse_flwr.outcome import NodeReport, StageOutcome
-from meduniverse_flwr.results import RunOutputs, read_results, stage_entry, summarize
-from meduniverse_flwr.tracking import MLFLOW_POINTER, artifact_root, mlflow_target, open_tracker
+from meduniverse_flwr import registry
+from meduniverse_flwr.server.outcome import NodeReport, StageOutcome
+from meduniverse_flwr.server.results import (
+    RunOutputs,
+    read_results,
+    stage_entry,
+    summarize,
+)
+from meduniverse_flwr.server.tracking import (
+    MLFLOW_POINTER,
+    artifact_root,
+    mlflow_target,
+)
 
 CONFIG = {"strategy": "stagewise", "num-stages": 2, "lr": 0.001, "node-metrics": True, "resume-from": ""}
+
+
+def open_tracker(name, run_dir, run_config, run_name):
+    """The tracker ``tracker = name`` for one run directory, as the ServerApp opens it."""
+    return registry.resolve(registry.TRACKERS[name])(run_dir, run_config, run_name)
 
 
 def outcome(stage):
@@ -277,8 +292,9 @@ def test_a_missing_library_is_one_line_naming_the_extra(tracker, module, tmp_pat
 
 
 def test_none_imports_neither_library(tmp_path):
-    code = ("import sys; from meduniverse_flwr.tracking import open_tracker; "
-            f"t = open_tracker('none', {str(tmp_path)!r}, {{}}, 'run'); t.log_stage({{}}, {{}}); t.close(); "
+    code = ("import sys; from meduniverse_flwr import registry; "
+            f"t = registry.resolve(registry.TRACKERS['none'])({str(tmp_path)!r}, {{}}, 'run'); "
+            "t.log_stage({}, {}); t.close(); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlflow', 'tensorboard') "
             "or m == 'torch.utils.tensorboard'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -299,10 +315,10 @@ def test_a_federation_tracked_end_to_end_equals_its_results_json(tracker, run_co
     """The ServerApp itself logs every stage; the library's own reader gives back results.json."""
     from conftest import write_medmnist
     from flwr.app import Context, RecordDict
-    from simulation.inprocess import InProcessGrid
 
     from meduniverse_flwr import server_app
     from meduniverse_flwr.client_app import app as client_app
+    from simulation.inprocess import InProcessGrid
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from meduniverse_flwr.transport import decode, encode
+from meduniverse_flwr.wire.transport import decode, encode
 
 
 def test_fp32_is_lossless_and_fp16_bf16_halve_the_bytes():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from meduniverse_flwr.pretrain import PretrainSettings, pretrain
+from meduniverse_flwr.server.pretrain import PretrainSettings, pretrain
 
 SETTINGS = PretrainSettings(epochs=2, batch_size=8, warmup_epochs=1)
 

@@ -1,4 +1,4 @@
-"""meduniverse_flwr.validation: what a node sends is parsed and bounded, or rejected on one line.
+"""meduniverse_flwr.server.validation: what a node sends is parsed and bounded, or rejected on one line.
 
 Unit tests replay the values found by tampering with replies (each one passed through or
 crashed the server before); property tests (hypothesis, derandomized: the same examples on
@@ -18,16 +18,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from meduniverse_flwr.aggregation import RunningAggregate, relative_update_norm, update_norm
-from meduniverse_flwr.data import TaskCard
-from meduniverse_flwr.metrics import LABEL_KINDS
-from meduniverse_flwr.validation import (
+from meduniverse_flwr.common.text import QUOTE_LENGTH, quote, safe_label
+from meduniverse_flwr.learn.metrics import LABEL_KINDS
+from meduniverse_flwr.server.aggregation import RunningAggregate
+from meduniverse_flwr.server.norms import relative_update_norm, update_norm
+from meduniverse_flwr.server.validation import (
     CARD_FIELDS,
     CLASS_RANGE,
     MAX_EXAMPLES,
-    MAX_TEXT_LENGTH,
     MAX_NAME_LENGTH,
     MAX_REASON_LENGTH,
+    MAX_TEXT_LENGTH,
     ON_EXCESS,
     EvalScore,
     Rejected,
@@ -36,7 +37,7 @@ from meduniverse_flwr.validation import (
     check_train_reply,
     parse_card,
 )
-from meduniverse_flwr.text import QUOTE_LENGTH, quote, safe_label
+from meduniverse_flwr.wire.card import TaskCard
 
 # Deterministic (the same examples for the same commit, in CI too) and no example database in the checkout.
 PROPERTY = settings(max_examples=300, deadline=None, derandomize=True, database=None)

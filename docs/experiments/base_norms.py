@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-from meduniverse_flwr.results import read_results
+from meduniverse_flwr.server.results import read_results
 
 rows = []
 for root in sys.argv[1:]:

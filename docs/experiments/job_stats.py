@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from meduniverse_flwr.results import read_results  # noqa: E402
+from meduniverse_flwr.server.results import read_results  # noqa: E402
 
 
 def main(paths: list[str]) -> None:

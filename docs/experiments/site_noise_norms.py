@@ -9,7 +9,7 @@ sqrt(|base_0|^2 + s P (z c / K)^2), the learned updates (0.08-0.17 of the base's
 import argparse
 import math
 
-from meduniverse_flwr.model import create_backbone
+from meduniverse_flwr.learn.model import create_backbone
 
 
 def main() -> None:

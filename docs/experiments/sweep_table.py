@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from meduniverse_flwr.results import read_results
-from meduniverse_flwr.run_finder import find_runs
+from meduniverse_flwr.report.run_finder import find_runs
+from meduniverse_flwr.server.results import read_results
 
 
 def mean_of(per_task: dict, metric: str) -> str:

@@ -24,9 +24,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..files import write_atomic
-from ..metrics import LABEL_KINDS
-from .npz import SPLITS
+from meduniverse_flwr.common.files import write_atomic
+from meduniverse_flwr.data.npz import SPLITS
+from meduniverse_flwr.learn.metrics import LABEL_KINDS
 
 CACHE_DIR = "node-cache"
 FORMAT = "meduniverse-flwr node task v3"  # bump when what is cached, or how, changes

@@ -6,7 +6,9 @@ from collections.abc import Sequence
 
 import torch
 
-from . import DataOptions, archive_of, load_dataset, to_image_tensor
+from meduniverse_flwr.data.node_task import load_dataset, to_image_tensor
+from meduniverse_flwr.data.options import DataOptions
+from meduniverse_flwr.data.partition import archive_of
 
 PRETRAIN_SPLITS = ("train", "val")  # never test: stage-0 evaluation must not have seen it
 # The corpus entry that stands for the public-archive share (``archive-share``) of every training dataset.

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .folder import read_labels_csv, read_splits
-from .npz import DataError, Split
+from meduniverse_flwr.data.folder import read_labels_csv, read_splits
+from meduniverse_flwr.data.npz import DataError, Split
 
 GRAYSCALE = ("MONOCHROME1", "MONOCHROME2")  # the photometric interpretations this reader decodes
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .npz import SPLITS, Split, read_npz, write_npz
+from meduniverse_flwr.data.npz import SPLITS, Split, read_npz, write_npz
 
 PATCH = 28
 SPLIT_SIZES = {"train": 1000, "val": 200, "test": 400}

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .npz import SPLITS, DataError, Split
+from meduniverse_flwr.data.npz import SPLITS, DataError, Split
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 logger = logging.getLogger("flwr")

@@ -17,9 +17,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..bounds import CLASS_RANGE, MAX_CLASSES, MAX_TEXT_LENGTH, is_card_text
-from ..metrics import LABEL_KINDS
-from .npz import DataError, Split, label_columns, read_npz
+from meduniverse_flwr.data.npz import DataError, Split, label_columns, read_npz
+from meduniverse_flwr.learn.metrics import LABEL_KINDS
+from meduniverse_flwr.wire.card import CLASS_RANGE, MAX_CLASSES, MAX_TEXT_LENGTH, is_card_text
 
 SIDECAR_KEYS = ("modality", "classes", "label-kind")
 MAX_SIDECAR_BYTES = 64 * 1024  # a sidecar is a few names; a larger file is a mistake, never read whole

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..registry import medmnist_flag
-from .npz import DataError, Split, read_npz
+from meduniverse_flwr.data.npz import DataError, Split, read_npz
+from meduniverse_flwr.registry import medmnist_flag
 
 DEFAULT_ROOT = Path("~/.medmnist").expanduser()
 SIZES = (28, 64, 128, 224)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import write_atomic
+from meduniverse_flwr.common.files import write_atomic
 
 SPLITS = ("train", "val", "test")
 

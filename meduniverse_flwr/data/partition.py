@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 
 import numpy as np
+
+from meduniverse_flwr.data.npz import Split
+from meduniverse_flwr.data.options import DataOptions
+from meduniverse_flwr.wire.card import TaskCard
 
 
 def node_dataset(partition_id: int, num_partitions: int, datasets: Sequence[str]) -> tuple[str, int, int]:
@@ -70,3 +75,33 @@ def stratified_subset(classes: np.ndarray, count: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     picked = [rng.permutation(np.flatnonzero(classes == value))[:k] for value, k in zip(values, taken)]
     return np.sort(np.concatenate(picked))
+
+
+def _shard_seed(seed: int, dataset: str, split: str) -> int:
+    return zlib.crc32(f"{seed}:{dataset}:{split}".encode())
+
+
+def stratify_by(labels: np.ndarray) -> np.ndarray:
+    """One class per example, for label-skew partitioning and stratified scoring labels (multilabel: its first
+    positive label)."""
+    if labels.shape[1] == 1:
+        return labels[:, 0]
+    return np.where(labels.any(axis=1), labels.argmax(axis=1), labels.shape[1])
+
+
+def iid_partition(split: Split, card: TaskCard, split_name: str, shard: int, n_shards: int,
+         options: DataOptions) -> np.ndarray:
+    return iid_shard(len(split), shard, n_shards, _shard_seed(options.seed, card.name, split_name))
+
+
+def dirichlet_partition(split: Split, card: TaskCard, split_name: str, shard: int, n_shards: int,
+               options: DataOptions) -> np.ndarray:
+    return dirichlet_shard(stratify_by(split.labels), shard, n_shards, options.dirichlet_alpha,
+                           _shard_seed(options.seed, card.name, "proportions"),
+                           _shard_seed(options.seed, card.name, split_name))
+
+
+def archive_of(name: str, n_train: int, share: float) -> np.ndarray:
+    """The train-split indices of dataset ``name`` in the server's public archive: fixed per dataset
+    (not per run seed), as a hospital's archive would be."""
+    return archive_indices(n_train, share, zlib.crc32(f"archive:{name}".encode()))
