@@ -1,14 +1,30 @@
+import os
 import sys
 import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the simulation/ entry point is not part of the installed package
 
 from meduniverse_flwr.data.medmnist import FLAGS, medmnist_path  # noqa: E402
+
+# pytest-xdist workers share the cores: one worker's torch takes its share, not every core
+torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
+# The files of real processes, longest first: pytest-xdist (``--dist loadfile --no-loadscope-reorder``)
+# hands files out in collection order, so these start at once and their waits (heartbeats, timeouts,
+# process starts) overlap the in-process tests instead of ending the run alone.
+REAL_PROCESS_FILES = ("test_deploy.py", "test_deploy_floor.py", "test_hydra.py", "test_flwr_run.py")
+
+
+def pytest_collection_modifyitems(items):
+    first = {name: rank for rank, name in enumerate(REAL_PROCESS_FILES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
+
 
 
 def default_run_config() -> dict:

@@ -1,4 +1,5 @@
-"""The real thing: ``flwr run .`` on a local simulation SuperLink (Ray), tiny settings."""
+"""The real thing: ``flwr run .`` on a local simulation SuperLink (Ray), tiny settings. The runs share
+one SuperLink, as a user's runs do; each writes its own output directory."""
 
 import json
 
@@ -11,10 +12,11 @@ from meduniverse_flwr.learn.model import create_backbone
 from simulation.flower import flwr_run, local_superlink, run_status
 
 
-@pytest.fixture
-def superlink(tmp_path):
-    with local_superlink(tmp_path / "flwr-home", cwd=tmp_path) as link:
-        yield link.env, tmp_path
+@pytest.fixture(scope="module")
+def superlink(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("superlink")
+    with local_superlink(cwd / "flwr-home", cwd=cwd) as link:
+        yield link.env, cwd
 
 
 def test_four_nodes_on_the_default_data(superlink, data_root):
@@ -25,11 +27,11 @@ def test_four_nodes_on_the_default_data(superlink, data_root):
     run_id, output = flwr_run(
         env,
         with_every_stage(f"num-stages=1 local-epochs=1 probe-epochs=3 pretrain-epochs=1 data-root='{data_root}' "
-                         "output-dir='outputs' dp='site' aggregation='mean' dp-noise-multiplier=1.5"),
+                         "output-dir='default-data' dp='site' aggregation='mean' dp-noise-multiplier=1.5"),
         "num-supernodes=4 client-resources-num-cpus=1",
     )
     assert run_status(env, run_id) == "finished:completed", output[-3000:]
-    run_dir = cwd / "outputs" / "latest"  # relative output-dir: against the SuperLink's directory
+    run_dir = cwd / "default-data" / "latest"  # relative output-dir: against the SuperLink's directory
     results = json.loads((run_dir / "results.json").read_text())
     assert [s["stage"] for s in results["stages"]] == [0, 1]
     assert len(results["stages"][1]["participants"]) == 4
@@ -49,10 +51,10 @@ def test_four_nodes_on_the_default_data(superlink, data_root):
 
 def test_a_bad_run_config_fails_the_run_with_a_clear_reason(superlink, data_root):
     env, cwd = superlink
-    run_id, output = flwr_run(env, f"num-stages=-1 data-root='{data_root}'", "num-supernodes=2")
+    run_id, output = flwr_run(env, f"num-stages=-1 data-root='{data_root}' output-dir='bad-config'", "num-supernodes=2")
     assert run_status(env, run_id).startswith("finished:failed")
     assert "'num-stages' = -1: must be >= 0" in output
-    assert not (cwd / "outputs").exists()
+    assert not (cwd / "bad-config").exists()
 
 
 def test_local_baseline_keeps_each_node_model_across_messages(superlink, tiny_sites):
@@ -63,11 +65,11 @@ def test_local_baseline_keeps_each_node_model_across_messages(superlink, tiny_si
         env,
         with_every_stage(f"strategy='local' num-stages=2 local-epochs=1 probe-epochs=3 pretrain='none' "
                          f"clients-per-stage=2 datasets='{','.join(tiny_sites[:2])}' data-root='{cwd / 'cache'}' "
-                         "output-dir='outputs'"),
+                         "output-dir='local'"),
         "num-supernodes=2 client-resources-num-cpus=1",
     )
     assert run_status(env, run_id) == "finished:completed", output[-3000:]
-    run_dir = cwd / "outputs" / "latest"
+    run_dir = cwd / "local" / "latest"
     stages = json.loads((run_dir / "results.json").read_text())["stages"]
     checkpoints = [load_file(run_dir / "checkpoints" / f"stage-{stage}.safetensors") for stage in range(3)]
     assert all(torch.equal(checkpoints[0][k], c[k]) for c in checkpoints[1:] for k in checkpoints[0])
@@ -85,11 +87,11 @@ def test_distill_curates_on_the_servers_corpus_under_flwr_run(superlink, tiny_si
         env,
         with_every_stage(f"aggregation='distill' distill-epochs=1 num-stages=1 local-epochs=1 probe-epochs=2 "
                          f"pretrain-epochs=1 clients-per-stage=2 datasets='{','.join(tiny_sites[:2])}' "
-                         f"data-root='{cwd / 'cache'}' output-dir='outputs'"),
+                         f"data-root='{cwd / 'cache'}' output-dir='distill'"),
         "num-supernodes=2 client-resources-num-cpus=1",
     )
     assert run_status(env, run_id) == "finished:completed", output[-3000:]
-    run_dir = cwd / "outputs" / "latest"
+    run_dir = cwd / "distill" / "latest"
     stages = json.loads((run_dir / "results.json").read_text())["stages"]
     assert len(stages[1]["participants"]) == 2 and stages[1]["server_seconds"] > 0
     decoder = load_file(run_dir / "checkpoints" / "stage-1.decoder.safetensors")

@@ -4,7 +4,7 @@ works offline on a fresh machine.
 
 It is a demonstration universe, not a benchmark: each task is many 28 x 28
 patches of one or a few source images, labelled by a classical rule at the
-patch centre (README "Embedded default data" documents each one). To limit
+patch centre (docs/data.md "Embedded default data" documents each one). To limit
 leakage between overlapping patches, the train / val / test splits come from
 disjoint bands of the source image (or disjoint slices, for the brain).
 
