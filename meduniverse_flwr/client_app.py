@@ -90,7 +90,8 @@ def train(message: Message, context: Context) -> Message:
         charge(site, task.card.name, len(task.train), sent.dp, sent.dp_noise_multiplier, sent.dp_secure_noise,
                sent.batch_size, sent.epochs + sent.head_epochs)
     keeps = sent.node_keeps
-    state = kept_state(context, keeps, to_tensors(unpack(_record(message, "arrays", ArrayRecord), sent.transport_dtype)))
+    sent_arrays = to_tensors(unpack(_record(message, "arrays", ArrayRecord), sent.transport_dtype))
+    state = kept_state(context, keeps, sent_arrays)
     backbone, head, metrics = train_on_task(sent.model, sent.image_size, task, state, settings_for(sent),
                                             validate=sent.node_metrics)
     if keeps != "nothing":

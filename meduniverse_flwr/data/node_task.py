@@ -86,7 +86,8 @@ def load_node_task(entry: str, shard: int, n_shards: int, options: DataOptions) 
     key = json.dumps([entry, shard, n_shards, {**dataclasses.asdict(options), "cache": ""}])
     try:
         # hashed before decoding: a source that changes meanwhile is decoded again on the next load
-        path = cache_path(directory, key, source_hash(registry.resolve(registry.SOURCES[source].paths)(spec, options), directory))
+        read = registry.resolve(registry.SOURCES[source].paths)(spec, options)
+        path = cache_path(directory, key, source_hash(read, directory))
     except CacheError as err:
         logger.warning("%s; node data not cached", err)
         return decode_node_task(entry, shard, n_shards, options)
@@ -117,8 +118,9 @@ def decode_node_task(entry: str, shard: int, n_shards: int, options: DataOptions
         keep = np.setdiff1d(np.arange(len(train)), archive_of(card.name, len(train), options.archive_share))
         splits = {**splits, "train": Split(train.images[keep], train.labels[keep])}
     if n_shards > 1:
+        shard_of = registry.resolve(registry.PARTITIONS[options.partition])
         splits = {name: Split(split.images[idx], split.labels[idx]) for name, split in splits.items()
-                  for idx in [registry.resolve(registry.PARTITIONS[options.partition])(split, card, name, shard, n_shards, options)]}
+                  for idx in [shard_of(split, card, name, shard, n_shards, options)]}
         for name, split in splits.items():
             if len(split) == 0:
                 raise DataError(f"dataset '{entry}': shard {shard} of {n_shards} has an empty {name} split; "

@@ -67,10 +67,11 @@ class TrainSettings:
 def settings_for(sent: Instructions) -> TrainSettings:
     """A message's training settings, on the device it names; its one ``dp`` decision: DP-SGD or not."""
     dp_sgd = DPSGD(sent.dp_clip_norm, sent.dp_noise_multiplier, sent.dp_secure_noise) if sent.dp == "example" else None
-    return TrainSettings(sent.epochs, sent.lr, sent.weight_decay, sent.batch_size, sent.seed, resolve_device(sent.device),
-                         sent.compile, sent.layer_decay, sent.eval_split, dp_sgd, sent.eval_labels, sent.node_term,
-                         sent.term_settings, augment=augmentation_for(sent.augment, sent.image_size),
-                         input_norm=sent.input_norm, head_epochs=sent.head_epochs)
+    return TrainSettings(sent.epochs, sent.lr, sent.weight_decay, sent.batch_size, sent.seed,
+                         resolve_device(sent.device), sent.compile, sent.layer_decay, sent.eval_split, dp_sgd,
+                         sent.eval_labels, sent.node_term, sent.term_settings,
+                         augment=augmentation_for(sent.augment, sent.image_size), input_norm=sent.input_norm,
+                         head_epochs=sent.head_epochs)
 
 
 def resolve_device(name: str) -> torch.device:
