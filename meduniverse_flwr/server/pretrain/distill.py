@@ -31,7 +31,7 @@ from meduniverse_flwr.learn.finetune import (
     resolve_device,
     to_input,
 )
-from meduniverse_flwr.learn.model import create_backbone, read_tensors
+from meduniverse_flwr.learn.model import create_backbone, read_tensors, to_arrays, to_tensors
 from meduniverse_flwr.server.pretrain.engine import build_mim
 from meduniverse_flwr.server.pretrain.models import MAE, random_masking
 from meduniverse_flwr.server.pretrain.settings import PretrainSettings
@@ -166,16 +166,16 @@ class Distiller:
                   stage: int) -> dict[str, np.ndarray]:
         c = self.config
         started = time.perf_counter()
-        as_torch = {k: torch.from_numpy(np.array(v)) for k, v in base.items()}
+        as_torch = to_tensors(base)
         mim = mae_around(c.model, c.image_size, as_torch, self.decoder, derive_seed(c.pretrain_seed, "decoder"))
         teacher_models = []
         for state in teachers if c.distill_weight > 0 else []:
             teacher = create_backbone(c.model, c.image_size)
-            teacher.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=True)
+            teacher.load_state_dict(to_tensors(state), strict=True)
             teacher_models.append(teacher)
         settings = ContinueSettings(epochs=c.distill_epochs, lr=c.distill_lr, seed=derive_seed(c.seed, stage, "curate"),
                                     weight=c.distill_weight, tokens=c.distill_tokens, input_norm=c.input_norm)
         continue_mim(mim, self.corpus, teacher_models, settings, c.device)
         encoder, self.decoder = split_mae_state({k: v.detach().cpu() for k, v in mim.state_dict().items()})
         self.seconds = time.perf_counter() - started
-        return {k: v.numpy() for k, v in encoder.items()}
+        return to_arrays(encoder)

@@ -19,6 +19,7 @@ from meduniverse_flwr.config import RunConfig
 from meduniverse_flwr.data.node_task import load_node_task
 from meduniverse_flwr.data.options import options_from
 from meduniverse_flwr.learn.finetune import settings_for
+from meduniverse_flwr.learn.model import to_arrays, to_tensors
 from meduniverse_flwr.learn.pooled import train_pooled
 from meduniverse_flwr.server.strategy.stagewise import StageWise, refuse_start
 from meduniverse_flwr.wire.messages import to_record
@@ -55,11 +56,11 @@ class Centralized(StageWise):
                                                    for entry in c.training_datasets)}
         settings = settings_for(dataclasses.replace(self.train_instructions,
                                                     seed=derive_seed(c.seed, server_round, "train", "pooled")))
-        backbone = {name: torch.from_numpy(value) for name, value in self.base.items()}
+        backbone = to_tensors(self.base)
         backbone, self.heads, loss = train_pooled(c.model, c.image_size, tasks, backbone, self.heads, settings)
         self.outcome.participants = sorted(tasks)
         self.outcome.train_loss = loss
         log(INFO, "stage %d: trained on the pooled data of %s: train loss %.4f%s", server_round,
             ", ".join(sorted(tasks)), loss, self.progress())
-        return to_record({name: value.numpy() for name, value in backbone.items()}), MetricRecord(
+        return to_record(to_arrays(backbone)), MetricRecord(
             {"replies": 0, "train-loss": loss})
