@@ -31,12 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from meduniverse_flwr.data.node_task import NodeTask, TaskData
 from meduniverse_flwr.learn.evaluate import evaluate_base
 from meduniverse_flwr.learn.finetune import EVAL_PROTOCOLS, TrainSettings, autocast, fit, resolve_device, train_on_task
-from meduniverse_flwr.learn.model import (
-    create_backbone,
-    create_model,
-    embed_dim,
-    new_head_state,
-)
+from meduniverse_flwr.learn.model import create_backbone, create_model, embed_dim, new_head_state
 from meduniverse_flwr.server.pretrain import PretrainSettings, pretrain
 from meduniverse_flwr.wire.card import TaskCard
 

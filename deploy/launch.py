@@ -34,14 +34,7 @@ from pathlib import Path
 
 from deploy.command_line import node_config_string, require_tls
 from deploy.errors import LaunchError, existing
-from deploy.flwr_cli import (
-    BIN,
-    flower_env,
-    register,
-    supernodes,
-    wait_for_superlink,
-    write_connection,
-)
+from deploy.flwr_cli import BIN, flower_env, register, supernodes, wait_for_superlink, write_connection
 from deploy.make_certs import make_certs
 from deploy.processes import start, stop, stop_recorded, write_pid_file
 from meduniverse_flwr.registry import DEVICES
@@ -305,9 +298,7 @@ def main(argv: list[str] | None = None) -> None:
                                         args.key, args.insecure, _site_settings(args))
             os.execve(command[0], command, supernode_env(flower_env()))
         elif args.command == "check":
-            from deploy import (
-                preflight,  # torch and the data loaders: only `check` needs them
-            )
+            from deploy import preflight  # torch and the data loaders: only `check` needs them
 
             _node_config_file(args)
             sys.exit(preflight.check(args.superlink, args.dataset, args.data_root, args.ca, args.key,

@@ -17,12 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from meduniverse_flwr import registry
 from meduniverse_flwr.config import ConfigError, RunConfig
 from meduniverse_flwr.report.run_table import format_table, run_files
-from meduniverse_flwr.server.pretrain.base import (
-    ServerBase,
-    checkpoint_backbone,
-    initial_base,
-    server_corpus,
-)
+from meduniverse_flwr.server.pretrain.base import ServerBase, checkpoint_backbone, initial_base, server_corpus
 from meduniverse_flwr.server.pretrain.distill import read_decoder
 from meduniverse_flwr.server.results import RunOutputs, stage_entry, summarize
 from meduniverse_flwr.server.strategy.stagewise import StageFailed, StageWise

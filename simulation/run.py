@@ -25,19 +25,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from meduniverse_flwr.config import KEYS, read_keys
-from simulation.experiment import (
-    federation_config,
-    register,
-    to_override_string,
-    to_run_config,
-)
-from simulation.flower import (
-    REPO,
-    flwr_run,
-    hostile_app_dir,
-    local_superlink,
-    run_status,
-)
+from simulation.experiment import federation_config, register, to_override_string, to_run_config
+from simulation.flower import REPO, flwr_run, hostile_app_dir, local_superlink, run_status
 
 log = logging.getLogger(__name__)
 register()

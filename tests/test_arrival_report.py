@@ -13,13 +13,7 @@ from scipy import stats as scipy_stats
 from meduniverse_flwr.report import arrival as arrival_report
 from meduniverse_flwr.report import multi as report
 from meduniverse_flwr.report import stats
-from meduniverse_flwr.report.arrival_runs import (
-    CLIENT_RECIPE,
-    DEFAULTS,
-    arm_label,
-    arrival_stages,
-    level_label,
-)
+from meduniverse_flwr.report.arrival_runs import CLIENT_RECIPE, DEFAULTS, arm_label, arrival_stages, level_label
 from meduniverse_flwr.server.results import read_results
 
 TASKS = ("a", "b", "c", "d", "e")

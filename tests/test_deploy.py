@@ -26,11 +26,7 @@ from conftest import ROOT, with_every_stage, write_medmnist
 
 from deploy.command_line import INSECURE_WARNING
 from deploy.flwr_cli import BIN, flower_env, flwr, register, supernodes
-from deploy.launch import (
-    LOCAL_CONNECTION,
-    LocalDeployment,
-    supernode_command,
-)
+from deploy.launch import LOCAL_CONNECTION, LocalDeployment, supernode_command
 from deploy.make_certs import make_certs
 from deploy.processes import command_line, descendants, running, stop
 from simulation.flower import finish_flwr_run, free_port, run_status, start_flwr_run

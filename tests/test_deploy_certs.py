@@ -6,10 +6,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import (
-    load_ssh_private_key,
-    load_ssh_public_key,
-)
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
 from deploy.make_certs import make_certs
 

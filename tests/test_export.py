@@ -17,13 +17,7 @@ from meduniverse_flwr import server_app
 from meduniverse_flwr.client_app import app as client_app
 from meduniverse_flwr.learn.model import create_backbone, create_model, load_backbone
 from meduniverse_flwr.server.results import read_results
-from meduniverse_flwr.tools.export import (
-    DISCLAIMER,
-    backbone_args,
-    export,
-    main,
-    model_card,
-)
+from meduniverse_flwr.tools.export import DISCLAIMER, backbone_args, export, main, model_card
 from simulation.inprocess import InProcessGrid
 
 # Runs in a fresh interpreter: timm and torch only, from the exported folder.

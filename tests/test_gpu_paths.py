@@ -26,13 +26,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from meduniverse_flwr.data.node_task import TaskData
-from meduniverse_flwr.learn.finetune import (
-    TrainSettings,
-    autocast,
-    fit,
-    predict,
-    resolve_device,
-)
+from meduniverse_flwr.learn.finetune import TrainSettings, autocast, fit, predict, resolve_device
 from meduniverse_flwr.learn.model import create_model
 from meduniverse_flwr.server.pretrain import PretrainSettings, engine, pretrain
 from simulation.experiment import federation_config, register

@@ -1,13 +1,7 @@
 import numpy as np
 import pytest
 
-from meduniverse_flwr.learn.metrics import (
-    accuracy,
-    auc,
-    average_ranks,
-    binary_auc,
-    paired_p_value,
-)
+from meduniverse_flwr.learn.metrics import accuracy, auc, average_ranks, binary_auc, paired_p_value
 
 
 def test_binary_auc_hand_computed_with_a_tie():

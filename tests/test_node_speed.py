@@ -34,13 +34,7 @@ from meduniverse_flwr.data.node_task import decode_node_task, load_node_task
 from meduniverse_flwr.data.options import DataOptions
 from meduniverse_flwr.learn.model import create_backbone, to_tensors
 from meduniverse_flwr.server.strategy.stagewise import StageWise
-from meduniverse_flwr.wire.messages import (
-    MAX_INDEX_CHARS,
-    PACKED,
-    pack,
-    to_numpy,
-    unpack,
-)
+from meduniverse_flwr.wire.messages import MAX_INDEX_CHARS, PACKED, pack, to_numpy, unpack
 from meduniverse_flwr.wire.transport import TRANSPORT_DTYPES
 from simulation.inprocess import InProcessGrid
 

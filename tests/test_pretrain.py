@@ -7,14 +7,7 @@ from safetensors.torch import load_file
 
 from meduniverse_flwr.config import RunConfig
 from meduniverse_flwr.learn.model import create_backbone, save_backbone
-from meduniverse_flwr.server.pretrain import (
-    MAE,
-    PretrainSettings,
-    patchify,
-    pretrain,
-    random_masking,
-    unpatchify,
-)
+from meduniverse_flwr.server.pretrain import MAE, PretrainSettings, patchify, pretrain, random_masking, unpatchify
 from meduniverse_flwr.server.pretrain.base import initial_base
 
 

@@ -15,18 +15,9 @@ from test_hydra import compose_run_config
 from meduniverse_flwr import server_app
 from meduniverse_flwr.client_app import app as client_app
 from meduniverse_flwr.config import ConfigError, RunConfig
-from meduniverse_flwr.learn.augment import (
-    augmentation_for,
-    augmented,
-    random_resized_crop,
-)
+from meduniverse_flwr.learn.augment import augmentation_for, augmented, random_resized_crop
 from meduniverse_flwr.learn.finetune import to_input
-from meduniverse_flwr.learn.model import (
-    create_backbone,
-    embed_dim,
-    fit_checkpoint,
-    load_pretrained,
-)
+from meduniverse_flwr.learn.model import create_backbone, embed_dim, fit_checkpoint, load_pretrained
 from meduniverse_flwr.registry import INPUT_NORMS
 from meduniverse_flwr.server.pretrain.base import initial_base
 from simulation.inprocess import InProcessGrid

@@ -143,12 +143,7 @@ def test_site_level_run_reports_one_event_per_stage(run_config, sites, tmp_path)
 def old_fit_loop(model, data, settings):
     """``task.fit``'s loop as it was before DP-SGD (commit 8fbd31a): the reference for dp = off."""
     from meduniverse_flwr.learn.augment import random_flip
-    from meduniverse_flwr.learn.finetune import (
-        cosine_with_warmup,
-        param_groups,
-        to_input,
-        train_step,
-    )
+    from meduniverse_flwr.learn.finetune import cosine_with_warmup, param_groups, to_input, train_step
 
     device = settings.device
     model.to(device).train()

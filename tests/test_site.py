@@ -17,13 +17,7 @@ from meduniverse_flwr.data.cache import CACHE_DIR
 from meduniverse_flwr.data.node_task import load_node_task
 from meduniverse_flwr.data.npz import DataError
 from meduniverse_flwr.learn.privacy import PrivacyLedger, example_steps
-from meduniverse_flwr.node.ledger import (
-    Refused,
-    charge,
-    ledger_path,
-    read_ledger,
-    site_epsilon,
-)
+from meduniverse_flwr.node.ledger import Refused, charge, ledger_path, read_ledger, site_epsilon
 from meduniverse_flwr.node.site import Site, site_from
 from simulation.inprocess import InProcessGrid
 

@@ -10,16 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import EVERY_STAGE, TINY_FLAGS, default_run_config, write_medmnist
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Error,
-    Message,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 
 from meduniverse_flwr import server_app

@@ -10,17 +10,8 @@ import pytest
 
 from meduniverse_flwr import registry
 from meduniverse_flwr.server.outcome import NodeReport, StageOutcome
-from meduniverse_flwr.server.results import (
-    RunOutputs,
-    read_results,
-    stage_entry,
-    summarize,
-)
-from meduniverse_flwr.server.tracking import (
-    MLFLOW_POINTER,
-    artifact_root,
-    mlflow_target,
-)
+from meduniverse_flwr.server.results import RunOutputs, read_results, stage_entry, summarize
+from meduniverse_flwr.server.tracking import MLFLOW_POINTER, artifact_root, mlflow_target
 
 CONFIG = {"strategy": "stagewise", "num-stages": 2, "lr": 0.001, "node-metrics": True, "resume-from": ""}
 

@@ -21,19 +21,8 @@ from meduniverse_flwr import registry
 from meduniverse_flwr.data.node_task import NodeTask, TaskData
 from meduniverse_flwr.learn import metrics
 from meduniverse_flwr.learn.augment import augmentation_for, augmented
-from meduniverse_flwr.learn.model import (
-    create_model,
-    embed_dim,
-    merge_state,
-    new_head_state,
-    split_state,
-)
-from meduniverse_flwr.learn.privacy import (
-    DPSGD,
-    make_private,
-    noise_only_step,
-    poisson_batches,
-)
+from meduniverse_flwr.learn.model import create_model, embed_dim, merge_state, new_head_state, split_state
+from meduniverse_flwr.learn.privacy import DPSGD, make_private, noise_only_step, poisson_batches
 from meduniverse_flwr.registry import EVAL_SPLITS, INPUT_NORMS
 from meduniverse_flwr.wire.messages import Instructions
 

@@ -22,10 +22,7 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from timm.models.vision_transformer import VisionTransformer
 
 from meduniverse_flwr.common.files import write_atomic
-from meduniverse_flwr.registry import (  # the backbones by name, with their widths and depths
-    MODELS,
-    TIMM_VIT_PREFIX,
-)
+from meduniverse_flwr.registry import MODELS, TIMM_VIT_PREFIX  # the backbones by name, with their widths and depths
 
 HEAD_PREFIX = "head."
 # load_state_dict would silently cast any dtype; float8 and integers are no weights we write

@@ -14,13 +14,7 @@ from torch import nn
 
 from meduniverse_flwr.data.node_task import NodeTask
 from meduniverse_flwr.learn.augment import augmented
-from meduniverse_flwr.learn.finetune import (
-    TrainSettings,
-    cosine_with_warmup,
-    param_groups,
-    to_input,
-    train_step,
-)
+from meduniverse_flwr.learn.finetune import TrainSettings, cosine_with_warmup, param_groups, to_input, train_step
 from meduniverse_flwr.learn.model import create_model, embed_dim, new_head_state
 
 

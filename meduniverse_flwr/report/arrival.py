@@ -41,13 +41,7 @@ from meduniverse_flwr.report.arrival_analysis import (
     analyse,
     task_cards,
 )
-from meduniverse_flwr.report.arrival_runs import (
-    ArrivalRun,
-    level_label,
-    level_order,
-    read_run,
-    usable_runs,
-)
+from meduniverse_flwr.report.arrival_runs import ArrivalRun, level_label, level_order, read_run, usable_runs
 from meduniverse_flwr.report.markdown import escape_md, md_table, p_cell
 from meduniverse_flwr.report.plots import pyplot, save_figure
 from meduniverse_flwr.report.run_finder import default_out, find_runs, parse_report_args

@@ -9,12 +9,7 @@ from pathlib import Path
 
 from meduniverse_flwr.common.text import safe_label
 from meduniverse_flwr.report import stats
-from meduniverse_flwr.report.groups import (
-    Group,
-    breaks_privacy,
-    final_epsilons,
-    group_label,
-)
+from meduniverse_flwr.report.groups import Group, breaks_privacy, final_epsilons, group_label
 from meduniverse_flwr.report.plots import pyplot, save_figure
 
 

@@ -6,14 +6,7 @@ from __future__ import annotations
 from meduniverse_flwr.common.text import safe_label
 from meduniverse_flwr.registry import STRATEGIES
 from meduniverse_flwr.report import stats
-from meduniverse_flwr.report.groups import (
-    Group,
-    Run,
-    final_epsilons,
-    group_label,
-    strategy_label,
-    variant_of,
-)
+from meduniverse_flwr.report.groups import Group, Run, final_epsilons, group_label, strategy_label, variant_of
 
 
 def escape_md(text: str) -> str:

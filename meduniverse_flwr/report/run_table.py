@@ -8,11 +8,7 @@ from typing import Any
 
 from meduniverse_flwr.common.text import safe_label
 from meduniverse_flwr.server.results import summarize
-from meduniverse_flwr.server.tracking import (
-    MLFLOW_POINTER,
-    TENSORBOARD_DIR,
-    read_pointer,
-)
+from meduniverse_flwr.server.tracking import MLFLOW_POINTER, TENSORBOARD_DIR, read_pointer
 
 Column = tuple[str, list[str]]
 

@@ -14,12 +14,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from meduniverse_flwr.config import RunConfig
-from meduniverse_flwr.learn.privacy import (
-    PrivacyLedger,
-    example_steps,
-    noise_seed,
-    noisy_sum_mean,
-)
+from meduniverse_flwr.learn.privacy import PrivacyLedger, example_steps, noise_seed, noisy_sum_mean
 from meduniverse_flwr.server.aggregation import Aggregate
 from meduniverse_flwr.server.norms import Arrays, clip_update
 from meduniverse_flwr.wire.card import TaskCard

@@ -22,11 +22,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from meduniverse_flwr.common.files import (
-    write_atomic,
-    write_json_atomic,
-    write_text_atomic,
-)
+from meduniverse_flwr.common.files import write_atomic, write_json_atomic, write_text_atomic
 from meduniverse_flwr.common.text import safe_label
 from meduniverse_flwr.learn.model import create_model, read_tensors
 from meduniverse_flwr.registry import DP_LEVELS, INPUT_NORMS, MODELS, TIMM_VIT_PREFIX

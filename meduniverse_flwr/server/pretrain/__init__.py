@@ -6,14 +6,7 @@ untrusted), ``__main__`` (the CLI: ``python -m meduniverse_flwr.server.pretrain`
 """
 
 from meduniverse_flwr.server.pretrain.engine import PretrainResult, build_mim, pretrain
-from meduniverse_flwr.server.pretrain.models import (
-           MAE,
-           MaskedImageModel,
-           SimMIM,
-           patchify,
-           random_masking,
-           unpatchify,
-)
+from meduniverse_flwr.server.pretrain.models import MAE, MaskedImageModel, SimMIM, patchify, random_masking, unpatchify
 from meduniverse_flwr.server.pretrain.settings import PretrainSettings
 
 __all__ = ["MAE", "MaskedImageModel", "PretrainResult", "PretrainSettings", "SimMIM", "build_mim",

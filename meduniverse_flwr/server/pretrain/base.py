@@ -23,12 +23,7 @@ from meduniverse_flwr import registry
 from meduniverse_flwr.config import RunConfig
 from meduniverse_flwr.data.corpus import load_corpus
 from meduniverse_flwr.data.options import cache_root, options_from
-from meduniverse_flwr.learn.model import (
-    create_backbone,
-    load_backbone,
-    load_pretrained,
-    save_backbone,
-)
+from meduniverse_flwr.learn.model import create_backbone, load_backbone, load_pretrained, save_backbone
 from meduniverse_flwr.server.pretrain.distill import (
     ContinueSettings,
     continue_mim,

@@ -25,12 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from meduniverse_flwr.config import RunConfig
-from meduniverse_flwr.learn.finetune import (
-    autocast,
-    cosine_with_warmup,
-    resolve_device,
-    to_input,
-)
+from meduniverse_flwr.learn.finetune import autocast, cosine_with_warmup, resolve_device, to_input
 from meduniverse_flwr.learn.model import create_backbone, read_tensors, to_arrays, to_tensors
 from meduniverse_flwr.server.pretrain.engine import build_mim
 from meduniverse_flwr.server.pretrain.models import MAE, random_masking

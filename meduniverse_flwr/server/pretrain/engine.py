@@ -23,19 +23,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from meduniverse_flwr import registry
 from meduniverse_flwr.common.files import write_json_atomic
-from meduniverse_flwr.learn.finetune import (
-    autocast,
-    cosine_with_warmup,
-    resolve_device,
-    to_input,
-)
+from meduniverse_flwr.learn.finetune import autocast, cosine_with_warmup, resolve_device, to_input
 from meduniverse_flwr.learn.model import create_backbone, save_backbone
-from meduniverse_flwr.server.pretrain.models import (
-    MaskedImageModel,
-    patchify,
-    random_masking,
-    unpatchify,
-)
+from meduniverse_flwr.server.pretrain.models import MaskedImageModel, patchify, random_masking, unpatchify
 from meduniverse_flwr.server.pretrain.settings import PretrainSettings
 from meduniverse_flwr.server.pretrain.state import load_state, save_state
 from meduniverse_flwr.wire.seeds import derive_seed

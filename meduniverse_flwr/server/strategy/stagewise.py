@@ -34,15 +34,7 @@ from collections.abc import Iterable
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-)
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -55,21 +47,9 @@ from meduniverse_flwr.server.outcome import NodeReport, StageOutcome
 from meduniverse_flwr.server.privacy import server_privacy
 from meduniverse_flwr.server.schedule import arrival_order, arrivals, trained_by
 from meduniverse_flwr.server.scoring import reply_score, task_score
-from meduniverse_flwr.server.validation import (
-    EvalScore,
-    Rejected,
-    TrainUpdate,
-    check_train_reply,
-)
+from meduniverse_flwr.server.validation import EvalScore, Rejected, TrainUpdate, check_train_reply
 from meduniverse_flwr.wire.card import TaskCard
-from meduniverse_flwr.wire.messages import (
-    Instructions,
-    pack,
-    record,
-    to_numpy,
-    to_record,
-    unpack,
-)
+from meduniverse_flwr.wire.messages import Instructions, pack, record, to_numpy, to_record, unpack
 from meduniverse_flwr.wire.seeds import derive_seed
 
 
